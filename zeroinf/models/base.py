@@ -1,0 +1,52 @@
+"""The one narrow protocol between model files and the executor.
+
+A family module (zeroinf/models/<family>.py) is pure math over plain tensors. It exports:
+
+    unit_tensors(cfg) -> list[tuple[str, dict[str, str]]]
+        Units in execution order: ("embed", {...}), ("layers.0", {...}), ..., ("head", {...}).
+        Each dict maps the family's local key (e.g. "q_proj.weight") to the Hugging Face tensor
+        name (e.g. "model.layers.0.self_attn.q_proj.weight"). The converter places exactly these
+        HF tensors in each unit; the executor hands the model `{local key: tensor}`.
+        Tied embeddings: the head's dict names the embedding's HF tensor too, and the converter
+        writes a copy of it into the head unit so every unit streams on its own.
+    embed(ids, w, ctx, cfg) -> h            ids [B, S] int64 -> h [B, S, D]
+    layer(h, w, kv, ctx, cfg) -> h          h [B, S, D]; writes this step's keys/values into kv
+    head(h, w, cfg) -> logits               h [B, S', D] -> logits [B, S', V] float32
+
+The executor only calls these; it never looks inside a unit's dict.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Context:
+    """Per forward pass state shared by every unit. Built by the executor once per step.
+
+    positions: [B, S] int64 position ids of this step's tokens (left padding aware: the first
+        real token of every row has position 0; padded slots hold any valid position).
+    start: cache index where this step's S tokens are written; the keys visible to this step
+        are kv[:, :, :start + S]. Rows are left padded so `start` is the same for all rows.
+    mask: [B, 1, S, start + S] bool, True where a query may attend to a key (causal and
+        padding applied). Families with a sliding window narrow it themselves (cache indices
+        of the queries are start .. start+S-1).
+    memo: per-step values a family computes once and reuses in every layer (rotary cos/sin).
+    """
+
+    positions: torch.Tensor
+    start: int
+    mask: torch.Tensor
+    memo: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LayerKV:
+    """One layer's KV cache: k and v are [B, H_kv, T_max, D_head]."""
+
+    k: torch.Tensor
+    v: torch.Tensor
