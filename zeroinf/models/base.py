@@ -50,3 +50,20 @@ class LayerKV:
 
     k: torch.Tensor
     v: torch.Tensor
+
+
+def build_context(attention_mask: torch.Tensor, start: int, seq: int) -> Context:
+    """Context for `seq` new tokens written at cache index `start`.
+
+    attention_mask: [B, >= start + seq], 1 for real tokens and 0 for (left) padding.
+    """
+    total = start + seq
+    am = attention_mask[:, :total].bool()  # [B, T]
+    positions = (am.long().cumsum(-1) - 1).clamp(min=0)[:, start:total]  # [B, S]
+    q_idx = torch.arange(start, total, device=am.device)[:, None]  # [S, 1]
+    k_idx = torch.arange(total, device=am.device)[None, :]  # [1, T]
+    causal = k_idx <= q_idx  # [S, T]
+    # A padded query would see no key at all (softmax over nothing = NaN, and NaN * 0 is NaN in
+    # the next matmul); let every query see itself. Real queries never see padded keys.
+    mask = (causal[None, None] & am[:, None, None, :]) | (k_idx == q_idx)[None, None]
+    return Context(positions=positions, start=start, mask=mask)  # mask [B, 1, S, T]
