@@ -1,0 +1,222 @@
+"""The Python API: `zeroinf.load(...)` returns a Model whose `generate` streams the weights."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from zeroinf.engine.executor import Executor
+from zeroinf.engine.generate import GenerationConfig, GenerationStats, generate
+from zeroinf.engine.plan import Plan, make_plan
+from zeroinf.engine.prefetcher import Prefetcher, Trace, measure_h2d
+from zeroinf.errors import ConfigError, PlanError
+from zeroinf.format import DTYPES, Checkpoint
+from zeroinf.models import ModelConfig, get_family
+from zeroinf.models.base import LayerKV
+from zeroinf.sizes import fmt_bytes, parse_bytes
+
+log = logging.getLogger("zeroinf")
+
+
+class Model:
+    """A loaded model. Use as a context manager, or call close() to free pinned and GPU memory."""
+
+    def __init__(
+        self,
+        ckpt: Checkpoint,
+        plan: Plan,
+        device: torch.device,
+        io_backend: str | None = None,
+        trace: Trace | None = None,
+    ) -> None:
+        self.checkpoint, self.plan, self.device = ckpt, plan, device
+        self.config = ModelConfig.from_hf(ckpt.config)
+        self.family = get_family(self.config.model_type)
+        self.dtype = DTYPES[ckpt.manifest.dtype]
+        t0 = time.perf_counter()
+        self.prefetcher = Prefetcher(ckpt, plan, device, io_backend=io_backend, trace=trace)
+        self.load_s = time.perf_counter() - t0
+        self.executor = Executor(self.prefetcher, self.family, self.config)
+        self.last_stats: GenerationStats | None = None
+        gen_cfg = ckpt.path / "generation_config.json"
+        self._pad_default = _pad_token(ckpt.config, gen_cfg)
+
+    # ---- generation ----
+
+    def kv_bytes(self, batch: int, tokens: int) -> int:
+        c = self.config
+        return 2 * c.num_layers * batch * c.num_kv_heads * tokens * c.head_dim * self.dtype.itemsize
+
+    def _new_kv(self, batch: int, tokens: int) -> list[LayerKV]:
+        c = self.config
+        shape = (batch, c.num_kv_heads, tokens, c.head_dim)  # [B, H_kv, T, D]
+        return [
+            LayerKV(
+                torch.empty(shape, dtype=self.dtype, device=self.device),
+                torch.empty(shape, dtype=self.dtype, device=self.device),
+            )
+            for _ in range(c.num_layers)
+        ]
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        input_ids: torch.Tensor | list[list[int]],
+        attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        eos_token_id: int | list[int] | None = None,
+        seed: int | None = None,
+        pad_token_id: int | None = None,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """Prompt + new tokens, [B, P + N] like transformers (left padded prompts with a mask;
+        rows that stopped at an EOS are padded after it). N = max_new_tokens unless every row
+        stopped earlier."""
+        if self.prefetcher is None:
+            raise ConfigError("model is closed")
+        ids = torch.as_tensor(input_ids)
+        if ids.dim() != 2 or ids.numel() == 0:
+            raise ConfigError(
+                f"input_ids: need a non-empty [batch, length] tensor, got {tuple(ids.shape)}"
+            )
+        mask = torch.ones_like(ids) if attention_mask is None else torch.as_tensor(attention_mask)
+        if mask.shape != ids.shape:
+            raise ConfigError(
+                f"attention_mask shape {tuple(mask.shape)} != input_ids {tuple(ids.shape)}"
+            )
+        if bool((mask[:, -1] == 0).any()):
+            raise ConfigError("attention_mask: prompts must be left padded (last column all 1)")
+        total = ids.shape[1] + max_new_tokens
+        if total > self.config.max_positions:
+            raise ConfigError(
+                f"prompt length {ids.shape[1]} + max_new_tokens {max_new_tokens} = {total} "
+                f"exceeds the model's {self.config.max_positions} positions"
+            )
+        eos = (
+            () if eos_token_id is None else tuple(torch.as_tensor(eos_token_id).flatten().tolist())
+        )
+        gc = GenerationConfig(
+            max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+            top_k=top_k, top_p=top_p, eos_token_id=eos, seed=seed,
+            pad_token_id=self._pad_default if pad_token_id is None else pad_token_id,
+        )  # fmt: skip
+        self._check_kv_fits(ids.shape[0], total)
+        out, self.last_stats = generate(
+            self.executor,
+            ids.to(self.device, torch.long),
+            mask.to(self.device, torch.long),
+            gc,
+            self._new_kv,
+            progress=progress,
+        )
+        return out.to(ids.device)
+
+    def _check_kv_fits(self, batch: int, tokens: int) -> None:
+        if self.device.type != "cuda":
+            return
+        need = self.kv_bytes(batch, tokens)
+        free, _ = torch.cuda.mem_get_info(self.device)
+        if need > free:
+            raise PlanError(
+                f"KV cache for batch {batch} x {tokens} tokens needs {fmt_bytes(need)}, but only "
+                f"{fmt_bytes(free)} is free on {self.device} after "
+                f"{fmt_bytes(self.plan.gpu_weight_bytes)} of weights; lower the batch or gpu_memory"
+            )
+
+    # ---- lifetime ----
+
+    def close(self) -> None:
+        if self.prefetcher is not None:
+            self.prefetcher.close()
+            self.prefetcher = None
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def __enter__(self) -> Model:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def _pad_token(config: dict[str, Any], gen_cfg: Path) -> int:
+    pad = config.get("pad_token_id")
+    if pad is None and gen_cfg.is_file():
+        import json
+
+        pad = json.loads(gen_cfg.read_text()).get("pad_token_id")
+    if isinstance(pad, list):
+        pad = pad[0] if pad else None
+    return int(pad) if pad is not None else 0
+
+
+def load(
+    path: str | os.PathLike[str],
+    device: str | torch.device = "cuda:0",
+    offload: str = "cpu",
+    gpu_memory: int | str | None = "12GiB",
+    cpu_memory: int | str | None = None,
+    nvme_dir: str | os.PathLike[str] | None = None,
+    prefetch: int = 2,
+    dtype: str | torch.dtype | None = None,
+    io_backend: str | None = None,
+    progress: bool = True,
+    trace: Trace | None = None,
+) -> Model:
+    """Load a zeroinf checkpoint (or a plain Hugging Face folder, converted once into a cache
+    folder) for layer-streaming generation. See README.md for every argument."""
+    from zeroinf.convert import ensure_converted
+
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={device}: CUDA is not available (use device='cpu')")
+    if offload not in ("cpu", "nvme"):
+        raise ConfigError(f"offload={offload!r}: must be 'cpu' or 'nvme'")
+    dtype_name = _dtype_name(dtype)
+    cache = Path(nvme_dir) if offload == "nvme" and nvme_dir is not None else None
+    ckpt_path = ensure_converted(path, dtype=dtype_name, cache_dir=cache, progress=progress)
+    ckpt = Checkpoint(ckpt_path)
+    if dtype_name is not None and ckpt.manifest.dtype != dtype_name:
+        raise ConfigError(
+            f"dtype={dtype_name}: checkpoint {ckpt_path} holds {ckpt.manifest.dtype}; "
+            f"convert it with `zeroinf-convert SRC DST --dtype {dtype_name}`"
+        )
+    budget = parse_bytes(gpu_memory, "gpu_memory")
+    if budget is None:
+        budget = sum(u.nbytes for u in ckpt.units)  # everything resident
+    h2d = measure_h2d(device) if device.type == "cuda" else None
+    plan = make_plan(
+        [(u.name, u.nbytes) for u in ckpt.units], budget, offload, prefetch, str(device), h2d
+    )
+    cpu_budget = parse_bytes(cpu_memory, "cpu_memory")
+    if offload == "cpu" and cpu_budget is not None and plan.streamed_bytes > cpu_budget:
+        raise PlanError(
+            f"cpu_memory {fmt_bytes(cpu_budget)} cannot hold the {fmt_bytes(plan.streamed_bytes)} "
+            "of streamed units; raise cpu_memory, gpu_memory, or use offload='nvme'"
+        )
+    log.info("%s", plan)
+    return Model(ckpt, plan, device, io_backend=io_backend, trace=trace)
+
+
+def _dtype_name(dtype: str | torch.dtype | None) -> str | None:
+    if dtype is None:
+        return None
+    name = str(dtype).removeprefix("torch.")
+    if name not in ("float32", "float16", "bfloat16"):
+        raise ConfigError(f"dtype={dtype!r}: use float32, float16 or bfloat16")
+    return name

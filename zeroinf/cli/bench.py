@@ -1,0 +1,268 @@
+"""zeroinf-bench: generation throughput of a named shape (random weights built in their tier)
+or a converted checkpoint, next to the roofline measured on this machine in the same run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import torch
+
+from zeroinf.errors import ZeroInfError
+from zeroinf.sizes import parse_bytes
+
+GB = 1e9
+
+
+def measure_machine(device: torch.device, k: int, n: int, dtype: torch.dtype) -> dict[str, float]:
+    """Matmul rate at the model's shape, device copy bandwidth, and H2D bandwidth."""
+    from zeroinf.engine.prefetcher import measure_h2d
+
+    def timed(fn: Any, repeat: int = 10) -> float:
+        fn()
+        if device.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            for _ in range(repeat):
+                fn()
+            b.record()
+            b.synchronize()
+            return a.elapsed_time(b) / 1e3 / repeat
+        t = time.perf_counter()
+        for _ in range(repeat):
+            fn()
+        return (time.perf_counter() - t) / repeat
+
+    m = 8192 if device.type == "cuda" else 256
+    x = torch.randn(m, k, device=device).to(dtype)
+    w = torch.randn(n, k, device=device).to(dtype)
+    flops = 2 * m * k * n / timed(lambda: x @ w.T)
+    size = (2 << 30) if device.type == "cuda" else (64 << 20)
+    src = torch.randn(size // 4, device=device)
+    dst = torch.empty_like(src)
+    hbm = 2 * size / timed(lambda: dst.copy_(src))
+    if device.type == "cuda":
+        h2d = measure_h2d(device, nbytes=512 << 20)
+    else:
+        h2d = hbm / 2  # a host "transfer" is a memcpy: read + write of the same bytes
+    return {"flops": flops, "hbm_bytes_per_s": hbm, "h2d_bytes_per_s": h2d}
+
+
+def drop_page_cache() -> bool:
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def measure_disk(ckpt: Any, io_backend: str | None) -> float:
+    """O_DIRECT read bandwidth of the checkpoint's unit files (page cache dropped if allowed)."""
+    from zeroinf.io import aligned_empty, open_reader
+
+    units = sorted(ckpt.units, key=lambda u: -u.nbytes)[:4]
+    buf = aligned_empty(units[0].nbytes, pin=False)
+    drop_page_cache()
+    with open_reader(io_backend) as r:
+        t = time.perf_counter()
+        for u in units:
+            r.submit(ckpt.unit_path(u), 0, buf[: u.nbytes]).wait()
+        dt = time.perf_counter() - t
+    return sum(u.nbytes for u in units) / dt
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from zeroinf.synthetic import SHAPES
+
+    p = argparse.ArgumentParser(prog="zeroinf-bench", description=__doc__)
+    p.add_argument("--model", default="tiny-llama", help=f"a shape ({', '.join(SHAPES)})")
+    p.add_argument("--path", help="a converted checkpoint or HF folder instead of a shape")
+    p.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--offload", choices=("cpu", "nvme"), default="cpu")
+    p.add_argument("--gpu-memory", default="12GiB", help="device budget for weights")
+    p.add_argument("--nvme-dir", help="where --offload nvme writes the shape's unit files")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--prompt-len", type=int, default=512)
+    p.add_argument("--gen-len", type=int, default=32)
+    p.add_argument("--prefetch", type=int, default=2)
+    p.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"))
+    p.add_argument("--io-backend", help="reader backend (default: automatic)")
+    p.add_argument("--json", help="write every figure to this file")
+    a = p.parse_args(argv)
+    if a.path is None and a.model not in SHAPES:
+        p.error(f"--model {a.model!r}: unknown shape; choose from {', '.join(SHAPES)}")
+    if min(a.batch_size, a.prompt_len, a.gen_len, a.prefetch) < 1:
+        p.error("--batch-size, --prompt-len, --gen-len and --prefetch must be >= 1")
+    return a
+
+
+def write_shape(shape: str, dtype: torch.dtype, folder: str) -> str:
+    """Unit files of a random shape, for the NVMe tier (reused when present)."""
+    from zeroinf.format import Checkpoint, write_manifest
+    from zeroinf.synthetic import SyntheticCheckpoint
+
+    dst = os.path.join(folder, f"{shape}-{str(dtype)[6:]}")
+    if os.path.isfile(os.path.join(dst, "manifest.json")):
+        return dst
+    syn = SyntheticCheckpoint(shape, dtype)
+    os.makedirs(dst + ".partial", exist_ok=True)
+    buf = torch.empty(max(u.nbytes for u in syn.units), dtype=torch.uint8)
+    for u in syn.units:
+        syn.read_unit(u, buf[: u.nbytes])
+        with open(os.path.join(dst + ".partial", u.file), "wb") as f:
+            f.write(buf[: u.nbytes].numpy().tobytes())
+    import dataclasses
+    import zlib
+
+    units = []
+    for u in syn.units:
+        data = open(os.path.join(dst + ".partial", u.file), "rb").read()
+        units.append(dataclasses.replace(u, crc32=zlib.crc32(data)))
+    write_manifest(dst + ".partial", dataclasses.replace(syn.manifest, units=tuple(units)))
+    os.replace(dst + ".partial", dst)
+    Checkpoint(dst)
+    return dst
+
+
+def run(a: argparse.Namespace) -> dict[str, Any]:
+    import zeroinf
+    from zeroinf.api import Model
+    from zeroinf.engine.plan import make_plan
+    from zeroinf.engine.roofline import Machine, ModelCost, roofline_seconds
+    from zeroinf.format import DTYPES, Checkpoint
+    from zeroinf.synthetic import SyntheticCheckpoint
+
+    device = torch.device(a.device)
+    dtype = DTYPES[a.dtype]
+    if a.path:
+        model = zeroinf.load(a.path, device=device, offload=a.offload, gpu_memory=a.gpu_memory,
+                             prefetch=a.prefetch, io_backend=a.io_backend)  # fmt: skip
+        ckpt = model.checkpoint
+    else:
+        if a.offload == "nvme":
+            folder = a.nvme_dir or os.path.join(os.getcwd(), ".zeroinf-bench")
+            ckpt = Checkpoint(write_shape(a.model, dtype, folder))
+        else:
+            ckpt = SyntheticCheckpoint(a.model, dtype)
+        ckpt_units = [(u.name, u.nbytes) for u in ckpt.units]
+        budget = parse_bytes(a.gpu_memory, "--gpu-memory")
+        plan = make_plan(ckpt_units, budget, a.offload, a.prefetch, str(device))
+        model = None
+    cfg_dict = ckpt.config
+    hidden = cfg_dict["hidden_size"]
+    ffn = cfg_dict.get("intermediate_size") or cfg_dict.get("ffn_dim") or 4 * hidden
+    mach = measure_machine(device, hidden, ffn, dtype)
+    disk = measure_disk(ckpt, a.io_backend) if a.offload == "nvme" else None
+    if model is None:
+        from dataclasses import replace
+
+        plan = replace(plan, h2d_bytes_per_s=mach["h2d_bytes_per_s"])
+        if a.offload == "nvme":
+            drop_page_cache()
+        t = time.perf_counter()
+        model = Model(ckpt, plan, device, io_backend=a.io_backend)
+        load_s = time.perf_counter() - t
+    else:
+        load_s = model.load_s
+    print(model.plan, flush=True)
+    vocab = model.config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, vocab, (a.batch_size, a.prompt_len), generator=gen)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    model.generate(ids, max_new_tokens=2)  # warm-up: kernels, allocator, cuBLAS handles
+    if a.offload == "nvme":
+        drop_page_cache()
+    model.generate(ids, max_new_tokens=a.gen_len)
+    st = model.last_stats
+    plan = model.plan
+    stream_bw = mach["h2d_bytes_per_s"] if disk is None else min(disk, mach["h2d_bytes_per_s"])
+    machine = Machine(stream_bw, mach["flops"], mach["hbm_bytes_per_s"])
+    cost = ModelCost.from_manifest(ckpt.manifest)
+    pre_floor, dec_floor = roofline_seconds(
+        cost, plan.streamed_bytes, machine, a.batch_size, a.prompt_len, st.new_tokens
+    )
+    roof_tps = a.batch_size * st.new_tokens / (pre_floor + dec_floor)
+    steps = max(1, st.new_tokens - 1)
+    res: dict[str, Any] = {
+        "model": a.path or a.model, "dtype": a.dtype, "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "date": time.strftime("%Y-%m-%d"), "offload": a.offload, "prefetch": a.prefetch,
+        "batch": a.batch_size, "prompt_len": a.prompt_len, "gen_len": st.new_tokens,
+        "gpu_budget": plan.gpu_budget, "resident_bytes": plan.resident_bytes,
+        "streamed_bytes_per_pass": plan.streamed_bytes, "slots": plan.slots,
+        "measured": {**mach, "disk_bytes_per_s": disk},
+        "load_s": load_s, "prefill_s": st.prefill_s, "decode_s": st.decode_s,
+        "decode_step_s": st.decode_step_s, "total_s": st.total_s,
+        "prefill_tok_per_s": a.batch_size * a.prompt_len / st.prefill_s,
+        "decode_tok_per_s": a.batch_size * steps / st.decode_s if st.new_tokens > 1 else None,
+        "total_tok_per_s": st.tokens_per_s,
+        "roofline_prefill_s": pre_floor, "roofline_decode_s": dec_floor,
+        "roofline_tok_per_s": roof_tps, "ratio_to_roofline": st.tokens_per_s / roof_tps,
+        "decode_step_vs_transfer": st.decode_step_s / (plan.streamed_bytes / stream_bw)
+        if plan.streamed_bytes else None,
+        "achieved_stream_GBps_decode": plan.streamed_bytes * steps / st.decode_s / GB,
+        "pinned_host_bytes": model.prefetcher.pinned_bytes,
+        "kv_bytes": model.kv_bytes(a.batch_size, a.prompt_len + a.gen_len),
+    }  # fmt: skip
+    if device.type == "cuda":
+        res["max_memory_allocated"] = torch.cuda.max_memory_allocated(device)
+    model.close()
+    return res
+
+
+def print_table(r: dict[str, Any]) -> None:
+    m = r["measured"]
+    print(
+        f"\n{r['model']} {r['dtype']} on {r['device_name']} ({r['date']}), offload "
+        f"{r['offload']}, batch {r['batch']}, prompt {r['prompt_len']}, gen {r['gen_len']}"
+    )
+    print(
+        f"  measured: stream {m['h2d_bytes_per_s'] / GB:.1f} GB/s H2D"
+        + (f", disk {m['disk_bytes_per_s'] / GB:.2f} GB/s" if m["disk_bytes_per_s"] else "")
+        + f", matmul {m['flops'] / 1e12:.0f} TFLOP/s, HBM {m['hbm_bytes_per_s'] / GB:.0f} GB/s"
+    )
+    print(
+        f"  streamed per pass {r['streamed_bytes_per_pass'] / GB:.2f} GB, resident "
+        f"{r['resident_bytes'] / GB:.2f} GB, KV {r['kv_bytes'] / GB:.2f} GB, "
+        f"load {r['load_s']:.1f} s"
+    )
+    rows = [
+        ("prefill s", r["prefill_s"], r["roofline_prefill_s"]),
+        ("decode step s", r["decode_step_s"], r["roofline_decode_s"] / max(1, r["gen_len"] - 1)),
+        ("total tok/s", r["total_tok_per_s"], r["roofline_tok_per_s"]),
+    ]
+    print(f"  {'':14} {'measured':>10} {'roofline':>10}")
+    for name, got, roof in rows:
+        print(f"  {name:14} {got:10.4g} {roof:10.4g}")
+    print(f"  ratio to roofline {r['ratio_to_roofline']:.3f}; decode stream "
+          f"{r['achieved_stream_GBps_decode']:.1f} GB/s"
+          + (f"; step / transfer {r['decode_step_vs_transfer']:.3f}"
+             if r["decode_step_vs_transfer"] else "")
+          + (f"; max GPU mem {r['max_memory_allocated'] / GB:.2f} GB"
+             if "max_memory_allocated" in r else ""))  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    try:
+        with torch.inference_mode():
+            r = run(a)
+    except ZeroInfError as e:
+        print(f"zeroinf-bench: error: {e}", file=sys.stderr)
+        return 2
+    print_table(r)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(r, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

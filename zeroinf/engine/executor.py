@@ -1,0 +1,82 @@
+"""The streaming loop. It exists once: every forward pass (prefill or decode) runs through
+`Executor.forward`, which walks the units in order, asks the prefetcher for each unit's bytes
+and hands the model its tensors."""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from zeroinf.engine.prefetcher import Prefetcher
+from zeroinf.format import DTYPES, UnitEntry
+from zeroinf.models.base import Context, LayerKV
+
+
+class Executor:
+    def __init__(self, prefetcher: Prefetcher, family: ModuleType, cfg: Any) -> None:
+        self.prefetcher, self.family, self.cfg = prefetcher, family, cfg
+        units = prefetcher.units
+        tables = dict(family.unit_tensors(cfg))
+        # Per unit: (local key, manifest tensor entry) pairs, so views need no name lookups.
+        self._layout: list[list[tuple[str, Any]]] = []
+        for u in units:
+            by_name = {t.name: t for t in u.tensors}
+            self._layout.append([(key, by_name[hf]) for key, hf in tables[u.name].items()])
+        self._views: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+        self.kinds = [_kind(u) for u in units]
+
+    def _weights(self, j: int, buf: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Tensor views into unit j's buffer, cached per (unit, buffer)."""
+        key = (j, buf.data_ptr())
+        w = self._views.get(key)
+        if w is None:
+            w = {
+                k: buf[t.offset : t.offset + t.nbytes].view(DTYPES[t.dtype]).view(t.shape)
+                for k, t in self._layout[j]
+            }
+            self._views[key] = w
+        return w
+
+    def forward(self, ids: torch.Tensor, ctx: Context, kv: list[LayerKV]) -> torch.Tensor:
+        """ids [B, S] -> float32 logits of the last position [B, V]."""
+        x: torch.Tensor = ids
+        layer = 0
+        for j, kind in enumerate(self.kinds):
+            w = self._weights(j, self.prefetcher.acquire(j))
+            try:
+                if kind == "embed":
+                    x = self.family.embed(x, w, ctx, self.cfg)
+                elif kind == "layer":
+                    x = self.family.layer(x, w, kv[layer], ctx, self.cfg)
+                    layer += 1
+                else:
+                    x = self.family.head(x[:, -1:], w, self.cfg)[:, -1]
+            except BaseException:
+                self._skip_rest_of_pass(j)
+                raise
+            self.prefetcher.release(j)
+        return x
+
+    def _skip_rest_of_pass(self, failed: int) -> None:
+        """Keep the prefetcher's cyclic order aligned after a failed pass: hand back the failed
+        unit and drain the units this pass would still have used."""
+        pf = self.prefetcher
+        if pf._error is not None:
+            return
+        try:
+            pf.release(failed)
+            for j in range(failed + 1, len(self.kinds)):
+                pf.acquire(j)
+                pf.release(j)
+        except BaseException:
+            pass  # the original error is the one to report
+
+
+def _kind(u: UnitEntry) -> str:
+    if u.name == "embed":
+        return "embed"
+    if u.name == "head":
+        return "head"
+    return "layer"

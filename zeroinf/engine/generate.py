@@ -1,0 +1,149 @@
+"""Token generation over the streaming executor: prefill, then one forward pass per token."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from zeroinf.engine.executor import Executor
+from zeroinf.errors import ConfigError
+from zeroinf.models.base import LayerKV, build_context
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    max_new_tokens: int = 32
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    eos_token_id: tuple[int, ...] = ()  # empty: generate exactly max_new_tokens
+    pad_token_id: int = 0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens={self.max_new_tokens}: must be >= 1")
+        if self.do_sample and not self.temperature > 0:
+            raise ConfigError(f"temperature={self.temperature}: must be > 0 when sampling")
+        if self.top_k < 0:
+            raise ConfigError(f"top_k={self.top_k}: must be >= 0 (0 disables)")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p={self.top_p}: must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class GenerationStats:
+    batch: int
+    prompt_len: int
+    new_tokens: int
+    prefill_s: float
+    decode_s: float
+
+    @property
+    def total_s(self) -> float:
+        return self.prefill_s + self.decode_s
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.batch * self.new_tokens / self.total_s
+
+    @property
+    def decode_step_s(self) -> float:
+        return self.decode_s / max(1, self.new_tokens - 1)
+
+
+def sample(logits: torch.Tensor, gc: GenerationConfig, gen: torch.Generator | None) -> torch.Tensor:
+    """logits [B, V] float32 -> next token ids [B]."""
+    if not gc.do_sample:
+        return logits.argmax(-1)
+    logits = logits / gc.temperature
+    if gc.top_k > 0:
+        kth = logits.topk(min(gc.top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # [B, 1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if gc.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the tokens ranked above it already reach top_p (the first stays)
+        drop = (probs.cumsum(-1) - probs) >= gc.top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return torch.multinomial(logits.softmax(-1), 1, generator=gen).squeeze(-1)
+
+
+def generate(
+    executor: Executor,
+    ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    gc: GenerationConfig,
+    new_kv: Callable[[int, int], list[LayerKV]],
+    progress: bool = False,
+) -> tuple[torch.Tensor, GenerationStats]:
+    """ids, attention_mask [B, P] on the compute device (left padded) -> [B, P + N] ids."""
+    b, p = ids.shape
+    dev = ids.device
+    total = p + gc.max_new_tokens
+    kv = new_kv(b, total)
+    mask = torch.ones(b, total, dtype=torch.long, device=dev)
+    mask[:, :p] = attention_mask
+    out = torch.full((b, total), gc.pad_token_id, dtype=ids.dtype, device=dev)
+    out[:, :p] = ids
+    eos = torch.tensor(gc.eos_token_id, dtype=ids.dtype, device=dev)
+    finished = torch.zeros(b, dtype=torch.bool, device=dev)
+    gen = None
+    if gc.do_sample:
+        gen = torch.Generator(device=dev)
+        gen.manual_seed(gc.seed if gc.seed is not None else torch.seed())
+    clock = _Clock(dev)
+    x, start, n = ids, 0, 0
+    bar = tqdm(total=gc.max_new_tokens, unit="tok", desc="generate", disable=not progress)
+    for i in range(gc.max_new_tokens):
+        logits = executor.forward(x, build_context(mask, start, x.shape[1]), kv)
+        nxt = sample(logits, gc, gen)
+        n = i + 1
+        if len(gc.eos_token_id):
+            nxt = torch.where(finished, torch.full_like(nxt, gc.pad_token_id), nxt)
+            finished |= torch.isin(nxt, eos)
+        out[:, p + i] = nxt
+        if i == 0:
+            clock.mark()  # end of prefill (and of the first token's sampling)
+        start += x.shape[1]
+        x = nxt[:, None]
+        bar.update(1)
+        if len(gc.eos_token_id) and bool(finished.all()):
+            break
+    prefill_s, decode_s = clock.stop()
+    bar.close()
+    return out[:, : p + n], GenerationStats(b, p, n, prefill_s, decode_s)
+
+
+class _Clock:
+    """Prefill / decode split without syncing in the middle (CUDA events on a GPU)."""
+
+    def __init__(self, dev: torch.device) -> None:
+        self.cuda = dev.type == "cuda"
+        if self.cuda:
+            self.events = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+            self.events[0].record()
+        else:
+            self.times = [time.perf_counter()]
+
+    def mark(self) -> None:
+        if self.cuda:
+            self.events[1].record()
+        else:
+            self.times.append(time.perf_counter())
+
+    def stop(self) -> tuple[float, float]:
+        if self.cuda:
+            self.events[2].record()
+            self.events[2].synchronize()
+            e = self.events
+            return e[0].elapsed_time(e[1]) / 1e3, e[1].elapsed_time(e[2]) / 1e3
+        self.times.append(time.perf_counter())
+        t = self.times
+        return t[1] - t[0], t[2] - t[1]

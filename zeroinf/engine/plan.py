@@ -1,0 +1,155 @@
+"""Which units stay on the device and which stream, from where: a pure function of sizes and
+budgets, printed for the user and checked so that the run cannot exceed what it predicts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from zeroinf.errors import PlanError
+from zeroinf.sizes import fmt_bytes
+
+TIERS = ("gpu", "cpu", "nvme")
+
+
+@dataclass(frozen=True)
+class Placement:
+    unit: str
+    nbytes: int
+    tier: str  # "gpu": resident on the device; "cpu": pinned host memory; "nvme": unit file
+
+
+@dataclass(frozen=True)
+class Plan:
+    device: str
+    offload: str  # where streamed units live: "cpu" | "nvme"
+    placements: tuple[Placement, ...]  # execution order
+    prefetch: int  # number of device slots for streamed units
+    gpu_budget: int  # bytes for resident units plus slots
+    h2d_bytes_per_s: float | None = None  # measured at load when a GPU is present
+
+    def __post_init__(self) -> None:
+        if self.offload not in ("cpu", "nvme"):
+            raise PlanError(f"offload={self.offload!r}: must be 'cpu' or 'nvme'")
+        if self.prefetch < 1:
+            raise PlanError(f"prefetch={self.prefetch}: must be >= 1")
+
+    @property
+    def streamed(self) -> tuple[Placement, ...]:
+        return tuple(p for p in self.placements if p.tier != "gpu")
+
+    @property
+    def resident_bytes(self) -> int:
+        return sum(p.nbytes for p in self.placements if p.tier == "gpu")
+
+    @property
+    def streamed_bytes(self) -> int:
+        """Bytes that cross PCIe in every forward pass."""
+        return sum(p.nbytes for p in self.streamed)
+
+    @property
+    def slot_bytes(self) -> int:
+        return max((p.nbytes for p in self.streamed), default=0)
+
+    @property
+    def slots(self) -> int:
+        return self.prefetch if self.streamed else 0
+
+    @property
+    def gpu_weight_bytes(self) -> int:
+        """Device bytes for weights: resident units plus the streaming slots."""
+        return self.resident_bytes + self.slots * self.slot_bytes
+
+    @property
+    def predicted_pass_s(self) -> float | None:
+        """Transfer time of one forward pass (the decode step's floor when transfer-bound)."""
+        if not self.h2d_bytes_per_s:
+            return None
+        return self.streamed_bytes / self.h2d_bytes_per_s
+
+    def __str__(self) -> str:
+        res = [p.unit for p in self.placements if p.tier == "gpu"]
+        lines = [
+            f"zeroinf plan on {self.device}: {len(res)}/{len(self.placements)} units resident "
+            f"({fmt_bytes(self.resident_bytes)}), {len(self.streamed)} streamed from "
+            f"{self.offload} ({fmt_bytes(self.streamed_bytes)} per forward pass)",
+            f"  device weights {fmt_bytes(self.gpu_weight_bytes)} of budget "
+            f"{fmt_bytes(self.gpu_budget)}: {self.slots} slot(s) x {fmt_bytes(self.slot_bytes)}",
+            f"  resident: {_ranges(res) or '-'}",
+            f"  streamed: {_ranges([p.unit for p in self.streamed]) or '-'}",
+        ]
+        if self.predicted_pass_s is not None:
+            lines.append(
+                f"  predicted transfer per forward pass: {self.predicted_pass_s * 1e3:.1f} ms "
+                f"at {self.h2d_bytes_per_s / 1e9:.1f} GB/s H2D"
+            )
+        return "\n".join(lines)
+
+
+def _ranges(names: list[str]) -> str:
+    """'embed, layers.0-3, layers.7, head': compact listing of unit names."""
+    out: list[str] = []
+    run: list[int] = []
+
+    def flush() -> None:
+        if run:
+            out.append(f"layers.{run[0]}" + (f"-{run[-1]}" if len(run) > 1 else ""))
+            run.clear()
+
+    for n in names:
+        if n.startswith("layers.") and (not run or int(n[7:]) == run[-1] + 1):
+            run.append(int(n[7:]))
+        else:
+            flush()
+            if n.startswith("layers."):
+                run.append(int(n[7:]))
+            else:
+                out.append(n)
+    flush()
+    return ", ".join(out)
+
+
+def _spread_order(n: int) -> list[int]:
+    """Indices 0..n-1 ordered so that any prefix is spread evenly over the range (bit-reversal
+    order). Equal-sized layers kept resident in this order interleave with streamed ones, which
+    gives the copy engine compute time to hide behind between streamed layers."""
+    bits = max(1, (n - 1).bit_length())
+    order = sorted(range(1 << bits), key=lambda i: int(f"{i:0{bits}b}"[::-1], 2))
+    return [i for i in order if i < n]
+
+
+def make_plan(
+    units: list[tuple[str, int]],
+    gpu_budget: int,
+    offload: str = "cpu",
+    prefetch: int = 2,
+    device: str = "cuda:0",
+    h2d_bytes_per_s: float | None = None,
+) -> Plan:
+    """Keep units resident, largest saving first, while resident bytes plus `prefetch` slots
+    (each as large as the largest unit still streamed) fit in `gpu_budget`."""
+    rank = {i: r for r, i in enumerate(_spread_order(len(units)))}
+    order = sorted(range(len(units)), key=lambda i: (-units[i][1], rank[i]))
+    resident: set[int] = set()
+    used = 0
+    for i in order:
+        rest = [units[k][1] for k in range(len(units)) if k not in resident and k != i]
+        slots = prefetch * max(rest, default=0)
+        if used + units[i][1] + slots <= gpu_budget:
+            resident.add(i)
+            used += units[i][1]
+    smallest_slots = prefetch * max(nb for _, nb in units)
+    if (
+        len(resident) < len(units)
+        and used + prefetch * max(units[k][1] for k in range(len(units)) if k not in resident)
+        > gpu_budget
+    ):
+        raise PlanError(
+            f"gpu_memory {fmt_bytes(gpu_budget)} cannot hold {prefetch} streaming slot(s) of "
+            f"{fmt_bytes(smallest_slots // prefetch)} (the largest unit): need at least "
+            f"{fmt_bytes(smallest_slots)}; raise gpu_memory or lower prefetch"
+        )
+    placements = tuple(
+        Placement(name, nb, "gpu" if i in resident else offload)
+        for i, (name, nb) in enumerate(units)
+    )
+    return Plan(device, offload, placements, prefetch, gpu_budget, h2d_bytes_per_s)

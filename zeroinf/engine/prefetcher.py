@@ -1,0 +1,292 @@
+"""The prefetcher: the only code that creates streams, events and pinned buffers.
+
+It moves unit bytes and nothing else: the executor asks for unit j's bytes on the device
+(`acquire(j)`), computes, and hands the buffer back (`release(j)`). Streamed units go through
+`prefetch` device slots in a fixed cyclic order (the order of the forward pass, pass after pass),
+so the copy of the next pass's first units starts while this pass ends.
+
+Schedule (g counts streamed units over all passes; slot s = g % slots):
+    worker:  wait slot s released by compute of g - slots  ->  [NVMe: read g into staging]
+             -> copy to slot s on the copy stream -> record ready(s)
+    main:    wait ready(s) -> compute g -> record released(s)
+On CUDA the waits between streams are device-side events; host-side flags only make sure an
+event is recorded before the other side waits on it. On a CPU-only machine the same worker
+thread copies synchronously, standing in for the copy stream, so CI runs this control flow.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from zeroinf.engine.plan import Plan
+from zeroinf.errors import ReadError, ZeroInfError
+from zeroinf.format import Checkpoint, UnitEntry
+from zeroinf.io import PinnedArena, aligned_empty, open_reader
+from zeroinf.synthetic import SyntheticCheckpoint
+
+_TICK = itertools.count()
+_POLL_S = 0.5  # how often a blocked wait checks whether the other side died
+
+
+@dataclass
+class Trace:
+    """Ordered record of (what, unit index, tick) from both threads, for tests and tracing."""
+
+    events: list[tuple[str, int, int]] = field(default_factory=list)
+
+    def __call__(self, what: str, unit: int) -> None:
+        self.events.append((what, unit, next(_TICK)))  # list.append is atomic under the GIL
+
+    def index(self, what: str, unit: int, occurrence: int = 0) -> int:
+        hits = [i for i, (w, u, _) in enumerate(self.events) if w == what and u == unit]
+        return hits[occurrence] if len(hits) > occurrence else -1
+
+
+class _Done:
+    def wait(self) -> None:
+        return None
+
+
+class _Slot:
+    def __init__(self, buf: torch.Tensor, cuda: bool) -> None:
+        self.buf = buf
+        self.filled = threading.Event()  # set once the copy into buf is issued (CUDA) or done
+        self.free = threading.Event()  # set once the compute that used buf is issued or done
+        self.free.set()
+        self.ready_ev = torch.cuda.Event() if cuda else None
+        self.free_ev = torch.cuda.Event() if cuda else None
+        self.unit = -1
+
+
+class Prefetcher:
+    def __init__(
+        self,
+        ckpt: Checkpoint,
+        plan: Plan,
+        device: torch.device,
+        io_backend: str | None = None,
+        staging: int = 2,
+        trace: Trace | None = None,
+    ) -> None:
+        self.ckpt, self.plan, self.device = ckpt, plan, device
+        self.units: tuple[UnitEntry, ...] = ckpt.units
+        self.cuda = device.type == "cuda"
+        self.trace = trace or (lambda what, unit: None)
+        self.reader = open_reader(io_backend)
+        self.arena: PinnedArena | None = None
+        self.resident: dict[int, torch.Tensor] = {}  # unit index -> device buffer
+        self.host: dict[int, torch.Tensor] = {}  # unit index -> pinned buffer (CPU tier)
+        self.streamed = [j for j, p in enumerate(plan.placements) if p.tier != "gpu"]
+        self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
+        self.synthetic = isinstance(ckpt, SyntheticCheckpoint)
+        if self.synthetic and any(p.tier == "nvme" for p in plan.placements):
+            raise ZeroInfError("a synthetic model has no unit files to stream from NVMe")
+        self._error: BaseException | None = None
+        self._stop = threading.Event()
+        try:
+            self._staging = self._make_staging(staging)
+            self._load_resident()
+            self._load_host_tier()
+            self.slots = [
+                _Slot(torch.empty(plan.slot_bytes, dtype=torch.uint8, device=device), self.cuda)
+                for _ in range(plan.slots)
+            ]
+        except BaseException:
+            self.close()
+            raise
+        self._next = 0  # the main thread's position g in the cyclic streamed order
+        self._worker = threading.Thread(target=self._run, name="zeroinf-prefetch", daemon=True)
+        if self.streamed:
+            self._worker.start()
+
+    # ---- set-up: resident units and the CPU tier are read once, through the reader ----
+
+    def _make_staging(self, n: int) -> list[tuple[torch.Tensor, Any]]:
+        """Pinned buffers that NVMe reads land in (and that resident units pass through)."""
+        need_nvme = any(p.tier == "nvme" for p in self.plan.placements)
+        need_gpu_load = self.cuda and any(p.tier == "gpu" for p in self.plan.placements)
+        if not (need_nvme or need_gpu_load):
+            return []
+        size = max(u.nbytes for u in self.units)
+        return [
+            (aligned_empty(size, pin=self.cuda), torch.cuda.Event() if self.cuda else None)
+            for _ in range(n if need_nvme else 1)
+        ]
+
+    def _read(self, j: int, dest: torch.Tensor) -> Any:
+        """Start reading unit j into dest; returns a handle with wait()."""
+        u = self.units[j]
+        if self.synthetic:
+            self.ckpt.read_unit(u, dest[: u.nbytes])  # generated, nothing to read
+            return _Done()
+        return self.reader.submit(self.ckpt.unit_path(u), 0, dest[: u.nbytes])
+
+    def _load_resident(self) -> None:
+        for j, p in enumerate(self.plan.placements):
+            if p.tier != "gpu":
+                continue
+            nbytes = self.units[j].nbytes
+            if not self.cuda:
+                buf = aligned_empty(nbytes, pin=False)
+                self._read(j, buf).wait()
+            else:
+                stage, ev = self._staging[0]
+                ev.synchronize()  # the previous unit's copy out of the staging buffer is done
+                self._read(j, stage).wait()
+                buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+                buf.copy_(stage[:nbytes], non_blocking=True)
+                ev.record()
+            self.resident[j] = buf
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def _load_host_tier(self) -> None:
+        cpu = [j for j, p in enumerate(self.plan.placements) if p.tier == "cpu"]
+        if not cpu:
+            return
+        self.arena = PinnedArena([self.units[j].nbytes for j in cpu], pin=self.cuda)
+        handles = []
+        for j in cpu:
+            buf = self.arena.alloc(self.units[j].nbytes)
+            self.host[j] = buf
+            handles.append(self._read(j, buf))
+        for h in handles:
+            h.wait()
+
+    # ---- the copy side (worker thread) ----
+
+    def _run(self) -> None:
+        try:
+            if self.cuda:
+                torch.cuda.set_device(self.device)
+            reads: dict[int, Any] = {}  # g -> pending NVMe read handle
+            for g in itertools.count():
+                j = self.streamed[g % len(self.streamed)]
+                slot = self.slots[g % len(self.slots)]
+                if self.plan.placements[j].tier == "nvme":
+                    src = self._nvme_source(g, reads)
+                else:
+                    src = self.host[j]
+                if not self._wait(slot.free):
+                    return
+                slot.free.clear()
+                self.trace("copy_start", j)
+                n = self.units[j].nbytes
+                if self.cuda:
+                    self.copy_stream.wait_event(slot.free_ev)
+                    with torch.cuda.stream(self.copy_stream):
+                        slot.buf[:n].copy_(src[:n], non_blocking=True)
+                    slot.ready_ev.record(self.copy_stream)
+                    if self.plan.placements[j].tier == "nvme":
+                        self._staging[g % len(self._staging)][1].record(self.copy_stream)
+                else:
+                    slot.buf[:n].copy_(src[:n])
+                self.trace("copy_done", j)
+                slot.unit = j
+                slot.filled.set()
+        except BaseException as e:  # surfaced to the main thread by acquire()
+            self._error = e
+
+    def _nvme_source(self, g: int, reads: dict[int, Any]) -> torch.Tensor:
+        """Wait for the read of streamed unit g into its staging buffer, keeping the reads of the
+        following units in flight (read-ahead beyond the device slots)."""
+        nstage = len(self._staging)
+        for g2 in range(g, g + nstage):
+            j2 = self.streamed[g2 % len(self.streamed)]
+            if g2 in reads or self.plan.placements[j2].tier != "nvme":
+                continue
+            stage, ev = self._staging[g2 % nstage]
+            if ev is not None:
+                ev.synchronize()  # staging buffer's last copy to the device has finished
+            u = self.units[j2]
+            self.trace("read_start", j2)
+            reads[g2] = self.reader.submit(self.ckpt.unit_path(u), 0, stage[: u.nbytes])
+        reads.pop(g).wait()
+        self.trace("read_done", self.streamed[g % len(self.streamed)])
+        return self._staging[g % nstage][0]
+
+    def _wait(self, flag: threading.Event) -> bool:
+        while not flag.wait(_POLL_S):
+            if self._stop.is_set():
+                return False
+        return not self._stop.is_set()
+
+    # ---- the compute side (main thread) ----
+
+    def acquire(self, j: int) -> torch.Tensor:
+        """Unit j's bytes on the device (uint8, >= unit nbytes). Compute may be issued at once:
+        on CUDA the current stream waits for the copy on the device."""
+        if j in self.resident:
+            return self.resident[j]
+        expect = self.streamed[self._next % len(self.streamed)]
+        if j != expect:
+            raise ZeroInfError(f"prefetcher: unit {j} requested, but {expect} is next in order")
+        slot = self.slots[self._next % len(self.slots)]
+        while not slot.filled.wait(_POLL_S):
+            if self._error is not None or not self._worker.is_alive():
+                raise self._failure()
+        slot.filled.clear()
+        if self.cuda:
+            torch.cuda.current_stream(self.device).wait_event(slot.ready_ev)
+        self.trace("compute_start", j)
+        return slot.buf
+
+    def release(self, j: int) -> None:
+        """Compute that reads unit j's buffer has been issued: its slot may be refilled once
+        that compute finishes."""
+        if j in self.resident:
+            return
+        slot = self.slots[self._next % len(self.slots)]
+        self._next += 1
+        if self.cuda:
+            slot.free_ev.record(torch.cuda.current_stream(self.device))
+        self.trace("compute_done", j)
+        slot.free.set()
+
+    def _failure(self) -> BaseException:
+        e = self._error
+        if isinstance(e, ZeroInfError):
+            return e
+        return ReadError(f"prefetch worker failed: {e!r}") if e else ReadError("prefetch stopped")
+
+    @property
+    def pinned_bytes(self) -> int:
+        staging = sum(s.numel() for s, _ in self._staging) if self.cuda else 0
+        return (self.arena.nbytes if self.arena and self.cuda else 0) + staging
+
+    def close(self) -> None:
+        self._stop.set()
+        worker = getattr(self, "_worker", None)
+        if worker is not None and worker.is_alive():
+            worker.join(timeout=10)
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        self.slots = []
+        self.resident.clear()
+        self.host.clear()
+        if self.arena is not None:
+            self.arena.close()
+            self.arena = None
+        self._staging = []
+        self.reader.close()
+
+
+def measure_h2d(device: torch.device, nbytes: int = 256 << 20, repeat: int = 5) -> float:
+    """Pinned host -> device copy bandwidth in bytes/s (median of `repeat` copies)."""
+    src = aligned_empty(nbytes, pin=True)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    times = []
+    for _ in range(repeat + 1):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        dst.copy_(src, non_blocking=True)
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    times = sorted(times[1:])  # the first copy warms up
+    return nbytes / times[len(times) // 2]

@@ -1,0 +1,88 @@
+"""The physical limit of a generation run (../shared/DESIGN.md, "Measuring"): the sum over
+forward passes of max(streamed bytes / link bandwidth, FLOPs / peak, HBM bytes / HBM bandwidth).
+Pure arithmetic, so tests can check it and every benchmark reports against the same formula."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from zeroinf.format import DTYPES, Manifest
+
+
+@dataclass(frozen=True)
+class Machine:
+    """Rates measured in the same run as the figures they bound (bytes/s, FLOP/s)."""
+
+    stream_bytes_per_s: float  # H2D for the CPU tier; min(disk, H2D) for NVMe
+    flops: float
+    hbm_bytes_per_s: float
+
+
+@dataclass(frozen=True)
+class ModelCost:
+    weight_bytes: int  # all units: every forward pass reads each weight once from HBM
+    matmul_params: float  # weights multiplied per token (MoE: the active experts only)
+    head_params: int  # LM head, applied to one position per sequence
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    itemsize: int
+
+    @classmethod
+    def from_manifest(cls, m: Manifest) -> ModelCost:
+        c: dict[str, Any] = m.config
+        experts = c.get("num_local_experts") or 0
+        active = (c.get("num_experts_per_tok") or 0) / experts if experts else 1.0
+        params = 0.0
+        head = 0
+        for u in m.units:
+            for t in u.tensors:
+                if len(t.shape) != 2:
+                    continue
+                n = t.shape[0] * t.shape[1]
+                if u.name == "head":
+                    head = max(head, n)
+                elif u.name != "embed":
+                    params += n * (active if ".experts." in t.name else 1.0)
+        heads = c.get("num_attention_heads")
+        hidden = c.get("hidden_size")
+        return cls(
+            weight_bytes=sum(u.nbytes for u in m.units),
+            matmul_params=params,
+            head_params=head,
+            layers=c.get("num_hidden_layers"),
+            heads=heads,
+            kv_heads=c.get("num_key_value_heads") or heads,
+            head_dim=c.get("head_dim") or hidden // heads,
+            itemsize=DTYPES[m.dtype].itemsize,
+        )
+
+    def pass_flops(self, batch: int, seq: int, context: int) -> float:
+        """One forward pass of `seq` new tokens per row over `context` visible positions."""
+        tokens = batch * seq
+        mean_visible = context - (seq - 1) / 2  # causal: query i sees context - seq + i + 1 keys
+        attn = 4 * tokens * mean_visible * self.heads * self.head_dim * self.layers
+        return 2 * self.matmul_params * tokens + attn + 2 * self.head_params * batch
+
+    def pass_hbm_bytes(self, batch: int, context: int) -> float:
+        kv = 2 * batch * context * self.kv_heads * self.head_dim * self.layers * self.itemsize
+        return self.weight_bytes + kv
+
+
+def roofline_seconds(
+    cost: ModelCost, streamed_bytes: int, machine: Machine, batch: int, prompt: int, new: int
+) -> tuple[float, float]:
+    """(prefill floor, decode floor) in seconds for `new` tokens after a `prompt`-token prefill."""
+
+    def floor(seq: int, context: int) -> float:
+        return max(
+            streamed_bytes / machine.stream_bytes_per_s,
+            cost.pass_flops(batch, seq, context) / machine.flops,
+            cost.pass_hbm_bytes(batch, context) / machine.hbm_bytes_per_s,
+        )
+
+    prefill = floor(prompt, prompt)
+    decode = sum(floor(1, prompt + i + 1) for i in range(new - 1))
+    return prefill, decode
