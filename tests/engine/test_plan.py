@@ -29,10 +29,9 @@ def test_some_resident_fill_the_budget_without_exceeding_it() -> None:
     assert plan.gpu_weight_bytes <= 1500
     resident = [p.unit for p in plan.placements if p.tier == "gpu"]
     assert len(resident) == 3  # 3 x 300 + 2 x 300 slots = 1500
-    # equal layers kept resident are spread out, not bunched at the front
-    assert resident == ["layers.0", "layers.4", "layers.2"] or sorted(resident) == sorted(
-        ["layers.0", "layers.4", "layers.2"]
-    )
+    # equal layers kept resident are spread out, not bunched together
+    idx = sorted(int(u.split(".")[1]) for u in resident)
+    assert all(b - a > 1 for a, b in zip(idx, idx[1:], strict=False)), idx
 
 
 def test_budget_below_the_slots_names_the_numbers() -> None:

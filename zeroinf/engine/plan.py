@@ -129,25 +129,27 @@ def make_plan(
     (each as large as the largest unit still streamed) fit in `gpu_budget`."""
     rank = {i: r for r, i in enumerate(_spread_order(len(units)))}
     order = sorted(range(len(units)), key=lambda i: (-units[i][1], rank[i]))
+
+    def need(resident: set[int]) -> int:
+        streamed = [nb for k, (_, nb) in enumerate(units) if k not in resident]
+        return sum(units[k][1] for k in resident) + prefetch * max(streamed, default=0)
+
+    # The longest prefix of `order` that fits, then any smaller unit that still fits.
     resident: set[int] = set()
-    used = 0
-    for i in order:
-        rest = [units[k][1] for k in range(len(units)) if k not in resident and k != i]
-        slots = prefetch * max(rest, default=0)
-        if used + units[i][1] + slots <= gpu_budget:
-            resident.add(i)
-            used += units[i][1]
-    smallest_slots = prefetch * max(nb for _, nb in units)
-    if (
-        len(resident) < len(units)
-        and used + prefetch * max(units[k][1] for k in range(len(units)) if k not in resident)
-        > gpu_budget
-    ):
+    for k in range(len(order), -1, -1):
+        if need(set(order[:k])) <= gpu_budget:
+            resident = set(order[:k])
+            break
+    else:
+        largest = max(nb for _, nb in units)
         raise PlanError(
             f"gpu_memory {fmt_bytes(gpu_budget)} cannot hold {prefetch} streaming slot(s) of "
-            f"{fmt_bytes(smallest_slots // prefetch)} (the largest unit): need at least "
-            f"{fmt_bytes(smallest_slots)}; raise gpu_memory or lower prefetch"
+            f"{fmt_bytes(largest)} (the largest unit): need at least "
+            f"{fmt_bytes(prefetch * largest)}; raise gpu_memory or lower prefetch"
         )
+    for i in order:
+        if i not in resident and need(resident | {i}) <= gpu_budget:
+            resident.add(i)
     placements = tuple(
         Placement(name, nb, "gpu" if i in resident else offload)
         for i, (name, nb) in enumerate(units)
