@@ -74,7 +74,7 @@ class Model:
         top_k: int = 0,
         top_p: float = 1.0,
         eos_token_id: int | list[int] | None = None,
-        seed: int | None = None,
+        seed: int | list[int] | None = None,
         pad_token_id: int | None = None,
         progress: bool = False,
     ) -> torch.Tensor:
@@ -106,7 +106,8 @@ class Model:
         )
         gc = GenerationConfig(
             max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-            top_k=top_k, top_p=top_p, eos_token_id=eos, seed=seed,
+            top_k=top_k, top_p=top_p, eos_token_id=eos,
+            seed=tuple(seed) if isinstance(seed, list) else seed,
             pad_token_id=self._pad_default if pad_token_id is None else pad_token_id,
         )  # fmt: skip
         self._check_kv_fits(ids.shape[0], total)

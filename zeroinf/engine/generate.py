@@ -23,7 +23,7 @@ class GenerationConfig:
     top_p: float = 1.0
     eos_token_id: tuple[int, ...] = ()  # empty: generate exactly max_new_tokens
     pad_token_id: int = 0
-    seed: int | None = None
+    seed: int | tuple[int, ...] | None = None  # a tuple: one seed per row
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -57,8 +57,11 @@ class GenerationStats:
         return self.decode_s / max(1, self.new_tokens - 1)
 
 
-def sample(logits: torch.Tensor, gc: GenerationConfig, gen: torch.Generator | None) -> torch.Tensor:
-    """logits [B, V] float32 -> next token ids [B]."""
+def sample(
+    logits: torch.Tensor, gc: GenerationConfig, gens: list[torch.Generator] | None
+) -> torch.Tensor:
+    """logits [B, V] float32 -> next token ids [B]. One generator for the batch, or one per row
+    (so that a row's tokens do not depend on which other rows share its batch)."""
     if not gc.do_sample:
         return logits.argmax(-1)
     logits = logits / gc.temperature
@@ -72,7 +75,11 @@ def sample(logits: torch.Tensor, gc: GenerationConfig, gen: torch.Generator | No
         drop = (probs.cumsum(-1) - probs) >= gc.top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    return torch.multinomial(logits.softmax(-1), 1, generator=gen).squeeze(-1)
+    probs = logits.softmax(-1)
+    if len(gens) == 1:
+        return torch.multinomial(probs, 1, generator=gens[0]).squeeze(-1)
+    rows = zip(probs, gens, strict=True)
+    return torch.cat([torch.multinomial(p[None], 1, generator=g)[0] for p, g in rows])
 
 
 def generate(
@@ -94,16 +101,20 @@ def generate(
     out[:, :p] = ids
     eos = torch.tensor(gc.eos_token_id, dtype=ids.dtype, device=dev)
     finished = torch.zeros(b, dtype=torch.bool, device=dev)
-    gen = None
+    gens = None
     if gc.do_sample:
-        gen = torch.Generator(device=dev)
-        gen.manual_seed(gc.seed if gc.seed is not None else torch.seed())
+        seeds = gc.seed if isinstance(gc.seed, tuple) else (gc.seed,)
+        if len(seeds) not in (1, b):
+            raise ConfigError(f"seed: {len(seeds)} per-row seeds for a batch of {b}")
+        gens = [torch.Generator(device=dev) for _ in seeds]
+        for g, s in zip(gens, seeds, strict=True):
+            g.manual_seed(s if s is not None else torch.seed())
     clock = _Clock(dev)
     x, start, n = ids, 0, 0
     bar = tqdm(total=gc.max_new_tokens, unit="tok", desc="generate", disable=not progress)
     for i in range(gc.max_new_tokens):
         logits = executor.forward(x, build_context(mask, start, x.shape[1]), kv)
-        nxt = sample(logits, gc, gen)
+        nxt = sample(logits, gc, gens)
         n = i + 1
         if len(gc.eos_token_id):
             nxt = torch.where(finished, torch.full_like(nxt, gc.pad_token_id), nxt)
