@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# One call on the GPU machine: build the native reader, check, and measure, stage by stage.
+#   bash tools/device_run.sh [STAGE ...]      (default: every stage)
+# Every stage's output goes to $OUT/all.log; JSON results to $OUT/*.json; a table comes last.
+set -u
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
+OUT=${OUT:-/tmp/zeroinf-out}
+mkdir -p "$OUT"
+LOG=$OUT/all.log
+NVME=${NVME_DIR:-/tmp/zeroinf-nvme}
+STAGES=("$@")
+[ ${#STAGES[@]} -eq 0 ] && STAGES=(build models kernels io b32 b96 nvme)
+: >"$OUT/summary.txt"
+
+run() {  # run NAME TIMEOUT CMD...
+  local name=$1 t=$2
+  shift 2
+  echo "===== $name: $* ($(date -u +%FT%TZ))" >>"$LOG"
+  local start=$SECONDS
+  timeout "$t" "$@" >>"$LOG" 2>&1
+  local rc=$?
+  printf '%-10s rc=%-3s %4ss\n' "$name" "$rc" "$((SECONDS - start))" >>"$OUT/summary.txt"
+}
+
+bench() {  # bench NAME TIMEOUT ARGS...
+  local name=$1 t=$2
+  shift 2
+  run "$name" "$t" python -m zeroinf.cli.bench --json "$OUT/$name.json" "$@"
+}
+
+for s in "${STAGES[@]}"; do
+  case $s in
+    build) run build 120 bash -c "nvidia-smi; python -c 'import torch, triton, transformers; \
+print(torch.__version__, triton.__version__, transformers.__version__)'; \
+python setup.py build_ext --inplace" ;;
+    models) run models 300 python tools/check_models_gpu.py ;;
+    kernels) run kernels 300 python tools/bench_kernels.py --json "$OUT/kernels.json" ;;
+    io) run io 400 python tools/bench_io.py --dir "$NVME/io" --json "$OUT/io.json" ;;
+    b32) bench b32 300 --model opt-13b --offload cpu --gpu-memory 12GiB --batch-size 32 \
+      --prompt-len 512 --gen-len 32 ;;
+    b96) bench b96 400 --model opt-13b --offload cpu --gpu-memory 12GiB --batch-size 96 \
+      --prompt-len 512 --gen-len 32 ;;
+    nvme) bench nvme 500 --model llama-2-7b --offload nvme --nvme-dir "$NVME" \
+      --gpu-memory 8GiB --batch-size 8 --prompt-len 128 --gen-len 4 ;;
+    *) echo "unknown stage $s" >>"$OUT/summary.txt" ;;
+  esac
+done
+
+grep -E "^(zeroinf plan|  (device|resident|streamed|predicted|measured|prefill|decode|total|ratio))|tok/s|GB/s|PASS|FAIL|rel err|Error|error" "$LOG" | tail -n 80
+echo "----- stages"
+cat "$OUT/summary.txt"
