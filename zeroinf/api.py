@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed
 
+from zeroinf.engine.distributed import RankGroup, group_from_env, rank_device
 from zeroinf.engine.executor import Executor
 from zeroinf.engine.generate import GenerationConfig, GenerationStats, generate
 from zeroinf.engine.plan import Plan, make_plan
@@ -33,13 +35,16 @@ class Model:
         device: torch.device,
         io_backend: str | None = None,
         trace: Trace | None = None,
+        group: RankGroup | None = None,
     ) -> None:
-        self.checkpoint, self.plan, self.device = ckpt, plan, device
+        self.checkpoint, self.plan, self.device, self.group = ckpt, plan, device, group
         self.config = ModelConfig.from_hf(ckpt.config)
         self.family = get_family(self.config.model_type)
         self.dtype = DTYPES[ckpt.manifest.dtype]
         t0 = time.perf_counter()
-        self.prefetcher = Prefetcher(ckpt, plan, device, io_backend=io_backend, trace=trace)
+        self.prefetcher = Prefetcher(
+            ckpt, plan, device, io_backend=io_backend, trace=trace, group=group
+        )
         self.load_s = time.perf_counter() - t0
         self.executor = Executor(self.prefetcher, self.family, self.config)
         self.last_stats: GenerationStats | None = None
@@ -111,6 +116,7 @@ class Model:
             pad_token_id=self._pad_default if pad_token_id is None else pad_token_id,
         )  # fmt: skip
         self._check_kv_fits(ids.shape[0], total)
+        passes = self.group.agree_passes(max_new_tokens) if self.group else None
         out, self.last_stats = generate(
             self.executor,
             ids.to(self.device, torch.long),
@@ -118,6 +124,7 @@ class Model:
             gc,
             self._new_kv,
             progress=progress,
+            passes=passes,
         )
         return out.to(ids.device)
 
@@ -135,8 +142,19 @@ class Model:
 
     # ---- lifetime ----
 
+    def finish(self) -> None:
+        """With ranks: this rank has no more prompts. It keeps joining the other ranks' forward
+        passes (streaming, not computing) until every rank of the group is done. close() calls
+        it; a single process returns at once."""
+        if self.group is None or self.prefetcher is None:
+            return
+        while passes := self.group.agree_passes(0):
+            for _ in range(passes):
+                self.executor.skip_pass()
+
     def close(self) -> None:
         if self.prefetcher is not None:
+            self.finish()
             self.prefetcher.close()
             self.prefetcher = None
             if self.device.type == "cuda":
@@ -183,14 +201,23 @@ def load(
     folder) for layer-streaming generation. See README.md for every argument."""
     from zeroinf.convert import ensure_converted
 
-    device = torch.device(device)
+    device = rank_device(torch.device(device))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device={device}: CUDA is not available (use device='cpu')")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    group = group_from_env(device)
     if offload not in ("cpu", "nvme"):
         raise ConfigError(f"offload={offload!r}: must be 'cpu' or 'nvme'")
     dtype_name = _dtype_name(dtype)
     cache = Path(nvme_dir) if offload == "nvme" and nvme_dir is not None else None
-    ckpt_path = ensure_converted(path, dtype=dtype_name, cache_dir=cache, progress=progress)
+    first = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    if first:  # one rank converts a plain HF folder; the others wait and reuse it
+        ckpt_path = ensure_converted(path, dtype=dtype_name, cache_dir=cache, progress=progress)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    if not first:
+        ckpt_path = ensure_converted(path, dtype=dtype_name, cache_dir=cache, progress=False)
     ckpt = Checkpoint(ckpt_path)
     if dtype_name is not None and ckpt.manifest.dtype != dtype_name:
         raise ConfigError(
@@ -202,7 +229,13 @@ def load(
         budget = sum(u.nbytes for u in ckpt.units)  # everything resident
     h2d = measure_h2d(device) if device.type == "cuda" else None
     plan = make_plan(
-        [(u.name, u.nbytes) for u in ckpt.units], budget, offload, prefetch, str(device), h2d
+        [(u.name, u.nbytes) for u in ckpt.units],
+        budget,
+        offload,
+        prefetch,
+        str(device),
+        h2d,
+        world=group.world if group else 1,
     )
     cpu_budget = parse_bytes(cpu_memory, "cpu_memory")
     if offload == "cpu" and cpu_budget is not None and plan.streamed_bytes > cpu_budget:
@@ -211,7 +244,7 @@ def load(
             "of streamed units; raise cpu_memory, gpu_memory, or use offload='nvme'"
         )
     log.info("%s", plan)
-    return Model(ckpt, plan, device, io_backend=io_backend, trace=trace)
+    return Model(ckpt, plan, device, io_backend=io_backend, trace=trace, group=group)
 
 
 def _dtype_name(dtype: str | torch.dtype | None) -> str | None:

@@ -59,6 +59,13 @@ class Executor:
             self.prefetcher.release(j)
         return x
 
+    def skip_pass(self) -> None:
+        """A forward pass that computes nothing: the units still stream (and, with ranks, join
+        their all-gathers), keeping this rank in lockstep with ranks that have work."""
+        for j in range(len(self.kinds)):
+            self.prefetcher.acquire(j)
+            self.prefetcher.release(j)
+
     def _skip_rest_of_pass(self, failed: int) -> None:
         """Keep the prefetcher's cyclic order aligned after a failed pass: hand back the failed
         unit and drain the units this pass would still have used."""

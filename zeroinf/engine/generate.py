@@ -89,8 +89,12 @@ def generate(
     gc: GenerationConfig,
     new_kv: Callable[[int, int], list[LayerKV]],
     progress: bool = False,
+    passes: int | None = None,
 ) -> tuple[torch.Tensor, GenerationStats]:
-    """ids, attention_mask [B, P] on the compute device (left padded) -> [B, P + N] ids."""
+    """ids, attention_mask [B, P] on the compute device (left padded) -> [B, P + N] ids.
+
+    passes: forward passes to run in all (ranks in lockstep agree on it); passes beyond this
+    batch's own needs stream the weights without computing."""
     b, p = ids.shape
     dev = ids.device
     total = p + gc.max_new_tokens
@@ -127,6 +131,8 @@ def generate(
         bar.update(1)
         if len(gc.eos_token_id) and bool(finished.all()):
             break
+    for _ in range(n, passes or 0):
+        executor.skip_pass()
     prefill_s, decode_s = clock.stop()
     bar.close()
     return out[:, : p + n], GenerationStats(b, p, n, prefill_s, decode_s)

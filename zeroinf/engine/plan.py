@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from zeroinf.errors import PlanError
+from zeroinf.format import padded_size
 from zeroinf.sizes import fmt_bytes
 
 TIERS = ("gpu", "cpu", "nvme")
@@ -26,6 +27,7 @@ class Plan:
     prefetch: int  # number of device slots for streamed units
     gpu_budget: int  # bytes for resident units plus slots
     h2d_bytes_per_s: float | None = None  # measured at load when a GPU is present
+    world: int = 1  # ranks sharing the streamed units (each holds and copies 1/world of them)
 
     def __post_init__(self) -> None:
         if self.offload not in ("cpu", "nvme"):
@@ -60,11 +62,16 @@ class Plan:
         return self.resident_bytes + self.slots * self.slot_bytes
 
     @property
+    def rank_streamed_bytes(self) -> int:
+        """Bytes of streamed units that one rank holds on the host and copies per pass."""
+        return sum(padded_size(p.nbytes, self.world) // self.world for p in self.streamed)
+
+    @property
     def predicted_pass_s(self) -> float | None:
         """Transfer time of one forward pass (the decode step's floor when transfer-bound)."""
         if not self.h2d_bytes_per_s:
             return None
-        return self.streamed_bytes / self.h2d_bytes_per_s
+        return self.rank_streamed_bytes / self.h2d_bytes_per_s
 
     def __str__(self) -> str:
         res = [p.unit for p in self.placements if p.tier == "gpu"]
@@ -75,6 +82,14 @@ class Plan:
             f"  device weights {fmt_bytes(self.gpu_weight_bytes)} of budget "
             f"{fmt_bytes(self.gpu_budget)}: {self.slots} slot(s) x {fmt_bytes(self.slot_bytes)}",
             f"  resident: {_ranges(res) or '-'}",
+            *(
+                [
+                    f"  {self.world} ranks: each holds and copies "
+                    f"{fmt_bytes(self.rank_streamed_bytes)} of the streamed units per pass"
+                ]
+                if self.world > 1
+                else []
+            ),  # fmt: skip
             f"  streamed: {_ranges([p.unit for p in self.streamed]) or '-'}",
         ]
         if self.predicted_pass_s is not None:
@@ -124,6 +139,7 @@ def make_plan(
     prefetch: int = 2,
     device: str = "cuda:0",
     h2d_bytes_per_s: float | None = None,
+    world: int = 1,
 ) -> Plan:
     """Keep units resident, largest saving first, while resident bytes plus `prefetch` slots
     (each as large as the largest unit still streamed) fit in `gpu_budget`."""
@@ -154,4 +170,4 @@ def make_plan(
         Placement(name, nb, "gpu" if i in resident else offload)
         for i, (name, nb) in enumerate(units)
     )
-    return Plan(device, offload, placements, prefetch, gpu_budget, h2d_bytes_per_s)
+    return Plan(device, offload, placements, prefetch, gpu_budget, h2d_bytes_per_s, world)

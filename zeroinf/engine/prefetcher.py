@@ -22,10 +22,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
+from zeroinf.engine.distributed import RankGroup
 from zeroinf.engine.plan import Plan
 from zeroinf.errors import ReadError, ZeroInfError
-from zeroinf.format import Checkpoint, UnitEntry
+from zeroinf.format import Checkpoint, UnitEntry, padded_size, partition
 from zeroinf.io import PinnedArena, aligned_empty, open_reader
 from zeroinf.synthetic import SyntheticCheckpoint
 
@@ -72,8 +74,10 @@ class Prefetcher:
         io_backend: str | None = None,
         staging: int = 2,
         trace: Trace | None = None,
+        group: RankGroup | None = None,
     ) -> None:
-        self.ckpt, self.plan, self.device = ckpt, plan, device
+        self.ckpt, self.plan, self.device, self.group = ckpt, plan, device, group
+        self.world = group.world if group else 1
         self.units: tuple[UnitEntry, ...] = ckpt.units
         self.cuda = device.type == "cuda"
         self.trace = trace or (lambda what, unit: None)
@@ -92,14 +96,21 @@ class Prefetcher:
             self._staging = self._make_staging(staging)
             self._load_resident()
             self._load_host_tier()
+            padded = padded_size(plan.slot_bytes, self.world) if plan.slots else 0
             self.slots = [
-                _Slot(torch.empty(plan.slot_bytes, dtype=torch.uint8, device=device), self.cuda)
+                _Slot(torch.empty(padded, dtype=torch.uint8, device=device), self.cuda)
                 for _ in range(plan.slots)
+            ]
+            # With ranks, this rank's share lands here first and the all-gather fills the slot.
+            self._shards = [
+                torch.empty(padded // self.world, dtype=torch.uint8, device=device)
+                for _ in range(plan.slots if group else 0)
             ]
         except BaseException:
             self.close()
             raise
         self._next = 0  # the main thread's position g in the cyclic streamed order
+        self._issued = 0  # units the worker has filled, over all passes
         self._worker = threading.Thread(target=self._run, name="zeroinf-prefetch", daemon=True)
         if self.streamed:
             self._worker.start()
@@ -118,13 +129,28 @@ class Prefetcher:
             for _ in range(n if need_nvme else 1)
         ]
 
-    def _read(self, j: int, dest: torch.Tensor) -> Any:
-        """Start reading unit j into dest; returns a handle with wait()."""
+    def _range(self, j: int, sharded: bool) -> tuple[int, int]:
+        """(file offset, bytes) of unit j that this rank holds: all of it, or its share."""
+        nbytes = self.units[j].nbytes
+        if not sharded or self.group is None:
+            return 0, nbytes
+        start, stop = partition(nbytes, self.group.rank, self.world)
+        return start, max(0, min(stop, nbytes) - start)  # the padding past the file is unread
+
+    def _share_bytes(self, j: int) -> int:
+        return padded_size(self.units[j].nbytes, self.world) // self.world
+
+    def _read(self, j: int, dest: torch.Tensor, sharded: bool = False) -> Any:
+        """Start reading unit j (or this rank's share of it) into dest; returns a handle."""
         u = self.units[j]
-        if self.synthetic:
-            self.ckpt.read_unit(u, dest[: u.nbytes])  # generated, nothing to read
+        offset, n = self._range(j, sharded)
+        if self.synthetic:  # generated, nothing to read
+            full = self.ckpt.read_unit(u, torch.empty(u.nbytes, dtype=torch.uint8))
+            dest[:n].copy_(full[offset : offset + n])
             return _Done()
-        return self.reader.submit(self.ckpt.unit_path(u), 0, dest[: u.nbytes])
+        if n == 0:
+            return _Done()
+        return self.reader.submit(self.ckpt.unit_path(u), offset, dest[:n])
 
     def _load_resident(self) -> None:
         for j, p in enumerate(self.plan.placements):
@@ -149,12 +175,13 @@ class Prefetcher:
         cpu = [j for j, p in enumerate(self.plan.placements) if p.tier == "cpu"]
         if not cpu:
             return
-        self.arena = PinnedArena([self.units[j].nbytes for j in cpu], pin=self.cuda)
+        sizes = [self._share_bytes(j) for j in cpu]
+        self.arena = PinnedArena(sizes, pin=self.cuda)
         handles = []
-        for j in cpu:
-            buf = self.arena.alloc(self.units[j].nbytes)
+        for j, size in zip(cpu, sizes, strict=True):
+            buf = self.arena.alloc(size)
             self.host[j] = buf
-            handles.append(self._read(j, buf))
+            handles.append(self._read(j, buf, sharded=True))
         for h in handles:
             h.wait()
 
@@ -176,21 +203,41 @@ class Prefetcher:
                     return
                 slot.free.clear()
                 self.trace("copy_start", j)
-                n = self.units[j].nbytes
+                shard = self._shards[g % len(self.slots)] if self.group else None
                 if self.cuda:
                     self.copy_stream.wait_event(slot.free_ev)
                     with torch.cuda.stream(self.copy_stream):
-                        slot.buf[:n].copy_(src[:n], non_blocking=True)
+                        self._fill(j, slot.buf, src, shard, non_blocking=True)
                     slot.ready_ev.record(self.copy_stream)
                     if self.plan.placements[j].tier == "nvme":
                         self._staging[g % len(self._staging)][1].record(self.copy_stream)
                 else:
-                    slot.buf[:n].copy_(src[:n])
+                    self._fill(j, slot.buf, src, shard, non_blocking=False)
                 self.trace("copy_done", j)
                 slot.unit = j
+                self._issued += 1
                 slot.filled.set()
         except BaseException as e:  # surfaced to the main thread by acquire()
             self._error = e
+
+    def _fill(
+        self,
+        j: int,
+        dst: torch.Tensor,
+        src: torch.Tensor,
+        shard: torch.Tensor | None,
+        non_blocking: bool,
+    ) -> None:
+        """Host bytes of unit j -> device slot: one copy, or the rank's share then all-gather."""
+        if shard is None:
+            n = self.units[j].nbytes
+            dst[:n].copy_(src[:n], non_blocking=non_blocking)
+            return
+        share = self._share_bytes(j)
+        shard[:share].copy_(src[:share], non_blocking=non_blocking)
+        dist.all_gather_into_tensor(
+            dst[: share * self.world], shard[:share], group=self.group.gather
+        )
 
     def _nvme_source(self, g: int, reads: dict[int, Any]) -> torch.Tensor:
         """Wait for the read of streamed unit g into its staging buffer, keeping the reads of the
@@ -203,9 +250,8 @@ class Prefetcher:
             stage, ev = self._staging[g2 % nstage]
             if ev is not None:
                 ev.synchronize()  # staging buffer's last copy to the device has finished
-            u = self.units[j2]
             self.trace("read_start", j2)
-            reads[g2] = self.reader.submit(self.ckpt.unit_path(u), 0, stage[: u.nbytes])
+            reads[g2] = self._read(j2, stage, sharded=True)
         reads.pop(g).wait()
         self.trace("read_done", self.streamed[g % len(self.streamed)])
         return self._staging[g % nstage][0]
@@ -255,13 +301,24 @@ class Prefetcher:
         return ReadError(f"prefetch worker failed: {e!r}") if e else ReadError("prefetch stopped")
 
     @property
+    def host_bytes(self) -> int:
+        """Host memory for streaming: the CPU tier's arena plus the staging ring."""
+        staging = sum(s.numel() for s, _ in self._staging)
+        return (self.arena.nbytes if self.arena else 0) + staging
+
+    @property
     def pinned_bytes(self) -> int:
-        staging = sum(s.numel() for s, _ in self._staging) if self.cuda else 0
-        return (self.arena.nbytes if self.arena and self.cuda else 0) + staging
+        return self.host_bytes if self.cuda else 0
 
     def close(self) -> None:
-        self._stop.set()
         worker = getattr(self, "_worker", None)
+        if self.group is not None and worker is not None:
+            # Every rank's worker must issue the same collectives: let it fill the slots that
+            # the last pass freed (it always does, on every rank) before stopping it.
+            target = self._next + len(self.slots)
+            while self._issued < target and worker.is_alive() and self._error is None:
+                worker.join(timeout=0.01)
+        self._stop.set()
         if worker is not None and worker.is_alive():
             worker.join(timeout=10)
         if self.cuda:
