@@ -188,6 +188,10 @@ class Prefetcher:
     # ---- the copy side (worker thread) ----
 
     def _run(self) -> None:
+        with torch.inference_mode():  # buffers may be inference tensors (made under it)
+            self._run_copies()
+
+    def _run_copies(self) -> None:
         try:
             if self.cuda:
                 torch.cuda.set_device(self.device)
