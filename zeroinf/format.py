@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import zlib
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -119,20 +121,36 @@ def _expect(cond: bool, where: str, what: str) -> None:
         raise CheckpointError(f"{where}: {what}")
 
 
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+_UNIT_NAME = re.compile(r"embed|layers\.(0|[1-9][0-9]*)|head")
+
+
+def _check_order(names: list[str], where: str) -> None:
+    """Units are in execution order: embed, layers.0 .. layers.<n-1>, head."""
+    for n in names:
+        ok = bool(_UNIT_NAME.fullmatch(n))
+        _expect(ok, where, f"unit name {n!r} is not embed|layers.<i>|head")
+    expected = ["embed", *(f"layers.{i}" for i in range(len(names) - 2)), "head"]
+    _expect(
+        names == expected,
+        where,
+        f"units are not in execution order (embed, layers.0.., head): {names[:4]}...",
+    )
+
+
 def _parse_unit(raw: Any, where: str) -> UnitEntry:
     _expect(isinstance(raw, dict), where, "unit is not an object")
-    for key, typ in (
-        ("name", str),
-        ("file", str),
-        ("nbytes", int),
-        ("crc32", int),
-        ("tensors", list),
+    for key, ok, typ in (
+        ("name", lambda x: isinstance(x, str), "a string"),
+        ("file", lambda x: isinstance(x, str) and x != "", "a non-empty string"),
+        ("nbytes", _is_int, "an integer"),
+        ("crc32", lambda x: _is_int(x) and 0 <= x < 2**32, "an unsigned 32-bit integer"),
+        ("tensors", lambda x: isinstance(x, list), "a list"),
     ):
-        _expect(
-            isinstance(raw.get(key), typ),
-            where,
-            f"unit field {key!r} missing or not {typ.__name__}",
-        )
+        _expect(ok(raw.get(key)), where, f"unit field {key!r} missing or not {typ}")
     where = f"{where} unit {raw['name']!r}"
     f = raw["file"]
     _expect(
@@ -145,17 +163,22 @@ def _parse_unit(raw: Any, where: str) -> UnitEntry:
     )
     tensors = []
     for t in raw["tensors"]:
-        _expect(isinstance(t, dict) and isinstance(t.get("name"), str), where, "bad tensor entry")
+        _expect(
+            isinstance(t, dict) and isinstance(t.get("name"), str),
+            where,
+            "tensor entry without a string field 'name'",
+        )
         tw = f"{where} tensor {t['name']!r}"
         _expect(t.get("dtype") in DTYPES, tw, f"dtype {t.get('dtype')!r} not in {sorted(DTYPES)}")
         shape = t.get("shape")
         _expect(
-            isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape),
+            isinstance(shape, list) and all(_is_int(s) and s >= 0 for s in shape),
             tw,
-            f"bad shape {shape!r}",
+            f"shape {shape!r} is not a list of non-negative integers",
         )
         off, nb = t.get("offset"), t.get("nbytes")
-        _expect(isinstance(off, int) and isinstance(nb, int), tw, "offset/nbytes not integers")
+        _expect(_is_int(off), tw, f"offset {off!r} is not an integer")
+        _expect(_is_int(nb), tw, f"nbytes {nb!r} is not an integer")
         _expect(
             nb == math.prod(shape) * DTYPES[t["dtype"]].itemsize,
             tw,
@@ -167,6 +190,11 @@ def _parse_unit(raw: Any, where: str) -> UnitEntry:
             f"offset {off} not {ALIGN}-aligned or past the unit's {raw['nbytes']} bytes",
         )
         tensors.append(TensorEntry(t["name"], t["dtype"], tuple(shape), off, nb))
+    names = [t.name for t in tensors]
+    _expect(len(set(names)) == len(names), where, "duplicate tensor names")
+    spans = sorted((t.offset, t.offset + t.nbytes, t.name) for t in tensors if t.nbytes)
+    for (_, end, a), (start, _, b) in pairwise(spans):
+        _expect(start >= end, where, f"tensors {a!r} and {b!r} overlap")
     return UnitEntry(raw["name"], f, raw["nbytes"], raw["crc32"], tuple(tensors))
 
 
@@ -181,7 +209,8 @@ def parse_manifest(raw: Any, where: str = MANIFEST) -> Manifest:
         where,
         f"version {raw.get('version')!r} is not supported (this zeroinf reads {FORMAT_VERSION})",
     )
-    _expect(raw.get("alignment") == ALIGN, where, f"alignment {raw.get('alignment')!r} != {ALIGN}")
+    align = raw.get("alignment")
+    _expect(_is_int(align) and align == ALIGN, where, f"alignment {align!r} != {ALIGN}")
     _expect(
         raw.get("dtype") in DTYPES, where, f"dtype {raw.get('dtype')!r} not in {sorted(DTYPES)}"
     )
@@ -195,6 +224,9 @@ def parse_manifest(raw: Any, where: str = MANIFEST) -> Manifest:
     units = tuple(_parse_unit(u, where) for u in raw["units"])
     names = [u.name for u in units]
     _expect(len(set(names)) == len(names), where, "duplicate unit names")
+    _check_order(names, where)
+    files = [os.path.normpath(u.file) for u in units]
+    _expect(len(set(files)) == len(files), where, "two units share one file")
     return Manifest(raw["dtype"], raw["config"], units, raw.get("quantization"))
 
 
@@ -253,10 +285,14 @@ class Checkpoint:
         tools; the executor reads through zeroinf.io's backends."""
         assert out.dtype == torch.uint8 and out.numel() >= unit.nbytes and out.is_contiguous()
         path = self.unit_path(unit)
+        view = memoryview(out.numpy()[: unit.nbytes])
+        n = 0
+        # Loop: Linux returns at most ~2 GiB per read, and a file may shrink under us.
         with open(path, "rb", buffering=0) as f:
-            n = f.readinto(memoryview(out.numpy()[: unit.nbytes]))
+            while n < unit.nbytes and (got := f.readinto(view[n:])):
+                n += got
         if n != unit.nbytes:
-            raise CheckpointError(f"{path}: short read {n} of {unit.nbytes} bytes")
+            raise CheckpointError(f"{path}: short read {n} of {unit.nbytes} bytes (truncated?)")
         return out
 
     def verify(self, unit: UnitEntry) -> None:
@@ -290,7 +326,7 @@ def padded_size(nbytes: int, world: int, alignment: int = ALIGN) -> int:
 def partition(nbytes: int, rank: int, world: int, alignment: int = ALIGN) -> tuple[int, int]:
     """Byte range [start, stop) of the padded unit that rank `rank` of `world` owns (ZeRO's flat
     partitioning). Ranges are equal, aligned, disjoint and cover the padded unit exactly."""
-    if not 0 <= rank < world:
+    if world < 1 or not 0 <= rank < world:
         raise ValueError(f"rank {rank} not in [0, {world})")
     share = padded_size(nbytes, world, alignment) // world
     return rank * share, (rank + 1) * share
