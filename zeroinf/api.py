@@ -36,8 +36,10 @@ class Model:
         io_backend: str | None = None,
         trace: Trace | None = None,
         group: RankGroup | None = None,
+        prefill_tokens: int = 2048,
     ) -> None:
         self.checkpoint, self.plan, self.device, self.group = ckpt, plan, device, group
+        self.prefill_tokens = prefill_tokens
         self.config = ModelConfig.from_hf(ckpt.config)
         self.family = get_family(self.config.model_type)
         self.dtype = DTYPES[ckpt.manifest.dtype]
@@ -125,6 +127,7 @@ class Model:
             self._new_kv,
             progress=progress,
             passes=passes,
+            prefill_tokens=self.prefill_tokens,
         )
         return out.to(ids.device)
 
@@ -196,6 +199,7 @@ def load(
     io_backend: str | None = None,
     progress: bool = True,
     trace: Trace | None = None,
+    prefill_tokens: int = 2048,
 ) -> Model:
     """Load a zeroinf checkpoint (or a plain Hugging Face folder, converted once into a cache
     folder) for layer-streaming generation. See README.md for every argument."""
@@ -228,6 +232,10 @@ def load(
     if budget is None:
         budget = sum(u.nbytes for u in ckpt.units)  # everything resident
     h2d = measure_h2d(device) if device.type == "cuda" else None
+    cfg = ModelConfig.from_hf(ckpt.config)
+    itemsize = DTYPES[ckpt.manifest.dtype].itemsize
+    # On a GPU the budget also holds the activations of one prefill chunk (decode's are smaller).
+    workspace = workspace_bytes(cfg, itemsize, prefill_tokens) if device.type == "cuda" else 0
     plan = make_plan(
         [(u.name, u.nbytes) for u in ckpt.units],
         budget,
@@ -236,6 +244,7 @@ def load(
         str(device),
         h2d,
         world=group.world if group else 1,
+        workspace=workspace,
     )
     cpu_budget = parse_bytes(cpu_memory, "cpu_memory")
     if offload == "cpu" and cpu_budget is not None and plan.streamed_bytes > cpu_budget:
@@ -244,7 +253,18 @@ def load(
             "of streamed units; raise cpu_memory, gpu_memory, or use offload='nvme'"
         )
     log.info("%s", plan)
-    return Model(ckpt, plan, device, io_backend=io_backend, trace=trace, group=group)
+    return Model(ckpt, plan, device, io_backend=io_backend, trace=trace, group=group,
+                 prefill_tokens=prefill_tokens)  # fmt: skip
+
+
+def workspace_bytes(cfg: ModelConfig, itemsize: int, tokens: int) -> int:
+    """Device bytes for the activations of `tokens` tokens inside one unit: hidden states,
+    residual, normed input, q/k/v, attention output (~8 x D), the MLP's gate, up and product
+    (3 x F, for each active expert), with a quarter more for the attention kernel's own
+    workspace; plus float32 logits and sampling buffers for up to 256 rows."""
+    ffn = cfg.intermediate_size * max(1, cfg.experts_per_token)
+    per_token = (8 * cfg.hidden_size + 3 * ffn) * itemsize
+    return int(1.25 * tokens * per_token) + 2 * 256 * cfg.vocab_size * 4
 
 
 def _dtype_name(dtype: str | torch.dtype | None) -> str | None:

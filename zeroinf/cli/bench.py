@@ -91,6 +91,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--gen-len", type=int, default=32)
     p.add_argument("--prefetch", type=int, default=2)
+    p.add_argument("--prefill-tokens", type=int, default=2048, help="tokens per prefill chunk")
     p.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"))
     p.add_argument("--io-backend", help="reader backend (default: automatic)")
     p.add_argument("--json", help="write every figure to this file")
@@ -142,7 +143,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     dtype = DTYPES[a.dtype]
     if a.path:
         model = zeroinf.load(a.path, device=device, offload=a.offload, gpu_memory=a.gpu_memory,
-                             prefetch=a.prefetch, io_backend=a.io_backend)  # fmt: skip
+                             prefetch=a.prefetch, io_backend=a.io_backend,
+                             prefill_tokens=a.prefill_tokens)  # fmt: skip
         ckpt = model.checkpoint
     else:
         if a.offload == "nvme":
@@ -152,7 +154,12 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
             ckpt = SyntheticCheckpoint(a.model, dtype)
         ckpt_units = [(u.name, u.nbytes) for u in ckpt.units]
         budget = parse_bytes(a.gpu_memory, "--gpu-memory")
-        plan = make_plan(ckpt_units, budget, a.offload, a.prefetch, str(device))
+        from zeroinf.api import workspace_bytes
+        from zeroinf.models import ModelConfig
+
+        ws = workspace_bytes(ModelConfig.from_hf(ckpt.config), dtype.itemsize, a.prefill_tokens)
+        ws = ws if device.type == "cuda" else 0
+        plan = make_plan(ckpt_units, budget, a.offload, a.prefetch, str(device), workspace=ws)
         model = None
     cfg_dict = ckpt.config
     hidden = cfg_dict["hidden_size"]
@@ -166,7 +173,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         if a.offload == "nvme":
             drop_page_cache()
         t = time.perf_counter()
-        model = Model(ckpt, plan, device, io_backend=a.io_backend)
+        model = Model(ckpt, plan, device, io_backend=a.io_backend, prefill_tokens=a.prefill_tokens)
         load_s = time.perf_counter() - t
     else:
         load_s = model.load_s

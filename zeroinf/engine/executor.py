@@ -4,6 +4,7 @@ and hands the model its tensors."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
@@ -12,6 +13,15 @@ import torch
 from zeroinf.engine.prefetcher import Prefetcher
 from zeroinf.format import DTYPES, UnitEntry
 from zeroinf.models.base import Context, LayerKV
+
+
+@dataclass
+class MicroBatch:
+    """Rows that go through the units together: ids [B_k, S], their context and KV views."""
+
+    ids: torch.Tensor
+    ctx: Context
+    kv: list[LayerKV]
 
 
 class Executor:
@@ -39,25 +49,28 @@ class Executor:
             self._views[key] = w
         return w
 
-    def forward(self, ids: torch.Tensor, ctx: Context, kv: list[LayerKV]) -> torch.Tensor:
-        """ids [B, S] -> float32 logits of the last position [B, V]."""
-        x: torch.Tensor = ids
+    def forward(self, batches: list[MicroBatch]) -> list[torch.Tensor]:
+        """The block schedule: each unit, once on the device, serves every micro-batch before it
+        is released. ids [B_k, S] per micro-batch -> float32 logits of the last position
+        [B_k, V] per micro-batch."""
+        xs: list[torch.Tensor] = [mb.ids for mb in batches]
         layer = 0
         for j, kind in enumerate(self.kinds):
             w = self._weights(j, self.prefetcher.acquire(j))
             try:
-                if kind == "embed":
-                    x = self.family.embed(x, w, ctx, self.cfg)
-                elif kind == "layer":
-                    x = self.family.layer(x, w, kv[layer], ctx, self.cfg)
-                    layer += 1
-                else:
-                    x = self.family.head(x[:, -1:], w, self.cfg)[:, -1]
+                for k, mb in enumerate(batches):
+                    if kind == "embed":
+                        xs[k] = self.family.embed(xs[k], w, mb.ctx, self.cfg)
+                    elif kind == "layer":
+                        xs[k] = self.family.layer(xs[k], w, mb.kv[layer], mb.ctx, self.cfg)
+                    else:
+                        xs[k] = self.family.head(xs[k][:, -1:], w, self.cfg)[:, -1]
             except BaseException:
                 self._skip_rest_of_pass(j)
                 raise
+            layer += kind == "layer"
             self.prefetcher.release(j)
-        return x
+        return xs
 
     def skip_pass(self) -> None:
         """A forward pass that computes nothing: the units still stream (and, with ranks, join

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from zeroinf.engine.executor import Executor
+from zeroinf.engine.executor import Executor, MicroBatch
 from zeroinf.errors import ConfigError
 from zeroinf.models.base import LayerKV, build_context
 
@@ -90,11 +90,15 @@ def generate(
     new_kv: Callable[[int, int], list[LayerKV]],
     progress: bool = False,
     passes: int | None = None,
+    prefill_tokens: int | None = None,
 ) -> tuple[torch.Tensor, GenerationStats]:
     """ids, attention_mask [B, P] on the compute device (left padded) -> [B, P + N] ids.
 
     passes: forward passes to run in all (ranks in lockstep agree on it); passes beyond this
-    batch's own needs stream the weights without computing."""
+    batch's own needs stream the weights without computing.
+    prefill_tokens: the prefill runs in micro-batches of rows holding at most this many tokens
+    (at least one row), each streamed unit serving all of them, so activation memory stays
+    bounded whatever the batch."""
     b, p = ids.shape
     dev = ids.device
     total = p + gc.max_new_tokens
@@ -113,11 +117,18 @@ def generate(
         gens = [torch.Generator(device=dev) for _ in seeds]
         for g, s in zip(gens, seeds, strict=True):
             g.manual_seed(s if s is not None else torch.seed())
+    chunk_rows = max(1, (prefill_tokens or b * p) // p)
     clock = _Clock(dev)
     x, start, n = ids, 0, 0
     bar = tqdm(total=gc.max_new_tokens, unit="tok", desc="generate", disable=not progress)
     for i in range(gc.max_new_tokens):
-        logits = executor.forward(x, build_context(mask, start, x.shape[1]), kv)
+        rows = chunk_rows if i == 0 else b  # prefill in row chunks: bounded activations
+        parts = [
+            MicroBatch(x[r : r + rows], build_context(mask[r : r + rows], start, x.shape[1]),
+                       [LayerKV(c.k[r : r + rows], c.v[r : r + rows]) for c in kv])
+            for r in range(0, b, rows)
+        ]  # fmt: skip
+        logits = torch.cat(executor.forward(parts))
         nxt = sample(logits, gc, gens)
         n = i + 1
         if len(gc.eos_token_id):

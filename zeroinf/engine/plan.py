@@ -28,6 +28,7 @@ class Plan:
     gpu_budget: int  # bytes for resident units plus slots
     h2d_bytes_per_s: float | None = None  # measured at load when a GPU is present
     world: int = 1  # ranks sharing the streamed units (each holds and copies 1/world of them)
+    workspace: int = 0  # device bytes of the budget kept free for activations
 
     def __post_init__(self) -> None:
         if self.offload not in ("cpu", "nvme"):
@@ -80,7 +81,8 @@ class Plan:
             f"({fmt_bytes(self.resident_bytes)}), {len(self.streamed)} streamed from "
             f"{self.offload} ({fmt_bytes(self.streamed_bytes)} per forward pass)",
             f"  device weights {fmt_bytes(self.gpu_weight_bytes)} of budget "
-            f"{fmt_bytes(self.gpu_budget)}: {self.slots} slot(s) x {fmt_bytes(self.slot_bytes)}",
+            f"{fmt_bytes(self.gpu_budget)}: {self.slots} slot(s) x {fmt_bytes(self.slot_bytes)}"
+            + (f", {fmt_bytes(self.workspace)} kept for activations" if self.workspace else ""),
             f"  resident: {_ranges(res) or '-'}",
             *(
                 [
@@ -140,15 +142,17 @@ def make_plan(
     device: str = "cuda:0",
     h2d_bytes_per_s: float | None = None,
     world: int = 1,
+    workspace: int = 0,
 ) -> Plan:
     """Keep units resident, largest saving first, while resident bytes plus `prefetch` slots
-    (each as large as the largest unit still streamed) fit in `gpu_budget`."""
+    (each as large as the largest unit still streamed) plus `workspace` fit in `gpu_budget`."""
     rank = {i: r for r, i in enumerate(_spread_order(len(units)))}
     order = sorted(range(len(units)), key=lambda i: (-units[i][1], rank[i]))
 
     def need(resident: set[int]) -> int:
         streamed = [nb for k, (_, nb) in enumerate(units) if k not in resident]
-        return sum(units[k][1] for k in resident) + prefetch * max(streamed, default=0)
+        slots = prefetch * max(streamed, default=0)
+        return sum(units[k][1] for k in resident) + slots + workspace
 
     # The longest prefix of `order` that fits, then any smaller unit that still fits.
     resident: set[int] = set()
@@ -158,10 +162,11 @@ def make_plan(
             break
     else:
         largest = max(nb for _, nb in units)
+        extra = f" plus {fmt_bytes(workspace)} for activations" if workspace else ""
         raise PlanError(
             f"gpu_memory {fmt_bytes(gpu_budget)} cannot hold {prefetch} streaming slot(s) of "
-            f"{fmt_bytes(largest)} (the largest unit): need at least "
-            f"{fmt_bytes(prefetch * largest)}; raise gpu_memory or lower prefetch"
+            f"{fmt_bytes(largest)} (the largest unit){extra}: need at least "
+            f"{fmt_bytes(prefetch * largest + workspace)}; raise gpu_memory or lower prefetch"
         )
     for i in order:
         if i not in resident and need(resident | {i}) <= gpu_budget:
@@ -170,4 +175,6 @@ def make_plan(
         Placement(name, nb, "gpu" if i in resident else offload)
         for i, (name, nb) in enumerate(units)
     )
-    return Plan(device, offload, placements, prefetch, gpu_budget, h2d_bytes_per_s, world)
+    return Plan(
+        device, offload, placements, prefetch, gpu_budget, h2d_bytes_per_s, world, workspace
+    )
