@@ -189,6 +189,11 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     model.generate(ids, max_new_tokens=a.gen_len)
     st = model.last_stats
     plan = model.plan
+    if device.type == "cuda":  # H2D is noisy on a shared host: measure again, count the faster
+        from zeroinf.engine.prefetcher import measure_h2d
+
+        mach["h2d_bytes_per_s_after"] = measure_h2d(device, nbytes=512 << 20)
+        mach["h2d_bytes_per_s"] = max(mach["h2d_bytes_per_s"], mach["h2d_bytes_per_s_after"])
     stream_bw = mach["h2d_bytes_per_s"] if disk is None else min(disk, mach["h2d_bytes_per_s"])
     machine = Machine(stream_bw, mach["flops"], mach["hbm_bytes_per_s"])
     cost = ModelCost.from_manifest(ckpt.manifest)

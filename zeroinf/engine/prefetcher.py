@@ -337,7 +337,7 @@ class Prefetcher:
         self.reader.close()
 
 
-def measure_h2d(device: torch.device, nbytes: int = 256 << 20, repeat: int = 5) -> float:
+def measure_h2d(device: torch.device, nbytes: int = 256 << 20, repeat: int = 9) -> float:
     """Pinned host -> device copy bandwidth in bytes/s (median of `repeat` copies)."""
     src = aligned_empty(nbytes, pin=True)
     dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
