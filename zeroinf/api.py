@@ -136,6 +136,8 @@ class Model:
             return
         need = self.kv_bytes(batch, tokens)
         free, _ = torch.cuda.mem_get_info(self.device)
+        # blocks torch keeps cached (an earlier call's KV cache) are free for this one
+        free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
         if need > free:
             raise PlanError(
                 f"KV cache for batch {batch} x {tokens} tokens needs {fmt_bytes(need)}, but only "

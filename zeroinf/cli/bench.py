@@ -95,6 +95,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"))
     p.add_argument("--io-backend", help="reader backend (default: automatic)")
     p.add_argument("--json", help="write every figure to this file")
+    p.add_argument("--trace", action="store_true", help="time every copy (CUDA events)")
     a = p.parse_args(argv)
     if a.path is None and a.model not in SHAPES:
         p.error(f"--model {a.model!r}: unknown shape; choose from {', '.join(SHAPES)}")
@@ -186,8 +187,11 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     model.generate(ids, max_new_tokens=2)  # warm-up: kernels, allocator, cuBLAS handles
     if a.offload == "nvme":
         drop_page_cache()
+    if a.trace and device.type == "cuda":
+        model.prefetcher.copy_events = []
     model.generate(ids, max_new_tokens=a.gen_len)
     st = model.last_stats
+    profile = model.prefetcher.copy_profile() if a.trace and device.type == "cuda" else {}
     plan = model.plan
     if device.type == "cuda":  # H2D is noisy on a shared host: measure again, count the faster
         from zeroinf.engine.prefetcher import measure_h2d
@@ -221,6 +225,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         if plan.streamed_bytes else None,
         "achieved_stream_GBps_decode": plan.streamed_bytes * steps / st.decode_s / GB,
         "pinned_host_bytes": model.prefetcher.pinned_bytes,
+        "copy_profile": profile,
         "kv_bytes": model.kv_bytes(a.batch_size, a.prompt_len + a.gen_len),
     }  # fmt: skip
     if device.type == "cuda":
@@ -231,6 +236,12 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
 
 def print_table(r: dict[str, Any]) -> None:
     m = r["measured"]
+    if r["copy_profile"]:
+        cp = r["copy_profile"]
+        print(
+            f"  copies: {cp['copies']}, {cp['copy_bytes_per_s'] / GB:.1f} GB/s while copying, "
+            f"link busy {cp['busy_fraction']:.3f} of the time"
+        )
     print(
         f"\n{r['model']} {r['dtype']} on {r['device_name']} ({r['date']}), offload "
         f"{r['offload']}, batch {r['batch']}, prompt {r['prompt_len']}, gen {r['gen_len']}"

@@ -111,6 +111,7 @@ class Prefetcher:
             raise
         self._next = 0  # the main thread's position g in the cyclic streamed order
         self._issued = 0  # units the worker has filled, over all passes
+        self.copy_events: list[tuple[int, Any, Any]] | None = None  # set to [] to time copies
         self._worker = threading.Thread(target=self._run, name="zeroinf-prefetch", daemon=True)
         if self.streamed:
             self._worker.start()
@@ -210,9 +211,13 @@ class Prefetcher:
                 shard = self._shards[g % len(self.slots)] if self.group else None
                 if self.cuda:
                     self.copy_stream.wait_event(slot.free_ev)
+                    timing = self._copy_timing()
                     with torch.cuda.stream(self.copy_stream):
                         self._fill(j, slot.buf, src, shard, non_blocking=True)
                     slot.ready_ev.record(self.copy_stream)
+                    if timing is not None:
+                        timing[1].record(self.copy_stream)
+                        self.copy_events.append((j, *timing))
                     if self.plan.placements[j].tier == "nvme":
                         self._staging[g % len(self._staging)][1].record(self.copy_stream)
                 else:
@@ -223,6 +228,26 @@ class Prefetcher:
                 slot.filled.set()
         except BaseException as e:  # surfaced to the main thread by acquire()
             self._error = e
+
+    def _copy_timing(self) -> tuple[torch.cuda.Event, torch.cuda.Event] | None:
+        """Start/end events around one copy, when copy timing is on (zeroinf-bench --trace)."""
+        if self.copy_events is None:
+            return None
+        start = torch.cuda.Event(enable_timing=True)
+        start.record(self.copy_stream)
+        return start, torch.cuda.Event(enable_timing=True)
+
+    def copy_profile(self) -> dict[str, float]:
+        """From the timed copies: bytes/s while copying, and the share of the span spent copying
+        (1.0: the link never idled between the first copy's start and the last copy's end)."""
+        ev = self.copy_events or []
+        if not ev:
+            return {}
+        torch.cuda.synchronize(self.device)
+        busy = sum(a.elapsed_time(b) for _, a, b in ev) / 1e3
+        span = ev[0][1].elapsed_time(ev[-1][2]) / 1e3
+        nbytes = sum(self.units[j].nbytes // self.world for j, _, _ in ev)
+        return {"copies": len(ev), "copy_bytes_per_s": nbytes / busy, "busy_fraction": busy / span}
 
     def _fill(
         self,
