@@ -1,0 +1,188 @@
+"""Math shared by the families: norms, activations, rotary embeddings, attention over a KV cache.
+
+Each operation is one function call so that a fused Triton kernel can later replace its body
+(same signature, same result) without touching the family files. Every function follows the
+dtype rules of the transformers implementation it mirrors, so that bfloat16 results agree too.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from zeroinf.models.base import Context, LayerKV
+from zeroinf.models.config import ModelConfig, Rope
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    return F.linear(x, w, b)
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """LlamaRMSNorm: normalise in float32, cast back, then scale (the order matters in bf16)."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return w * xf.to(x.dtype)
+
+
+def layer_norm(
+    x: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None, eps: float
+) -> torch.Tensor:
+    return F.layer_norm(x, (x.shape[-1],), w, b, eps)
+
+
+def activation(x: torch.Tensor, act: str) -> torch.Tensor:
+    """act is a normalised name (config.ACTIVATIONS)."""
+    if act == "silu":
+        return F.silu(x)
+    if act == "gelu":
+        return F.gelu(x)
+    if act == "gelu_tanh":
+        return F.gelu(x, approximate="tanh")
+    if act == "relu":
+        return F.relu(x)
+    raise AssertionError(f"unreachable: activation {act!r} passed ModelConfig validation")
+
+
+def gated_mlp(
+    x: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    act: str,
+    b_gate: torch.Tensor | None = None,
+    b_up: torch.Tensor | None = None,
+    b_down: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """down(act(gate(x)) * up(x)): the Llama MLP and each Mixtral expert."""
+    return linear(
+        activation(linear(x, w_gate, b_gate), act) * linear(x, w_up, b_up), w_down, b_down
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Rotary embeddings
+
+
+def inv_freq(rope: Rope, max_positions: int, positions: torch.Tensor) -> torch.Tensor:
+    """[dim/2] float32 inverse frequencies, as transformers' ROPE_INIT_FUNCTIONS compute them."""
+    dim, dev = rope.dim, positions.device
+    exponent = torch.arange(0, dim, 2, dtype=torch.int64, device=dev).float() / dim  # [dim/2]
+    if rope.type == "dynamic":
+        # NTK-aware base that grows with the longest position of this step (transformers keeps
+        # the same value statefully while generating; as tokens only append, both agree).
+        seq = torch.clamp((positions.max() + 1).float(), min=float(max_positions))
+        scale = (rope.factor * seq / max_positions - (rope.factor - 1)) ** (dim / (dim - 2))
+        return 1.0 / ((rope.theta * scale) ** exponent)
+    freq = 1.0 / (rope.theta**exponent)
+    if rope.type == "linear":
+        return freq / rope.factor
+    if rope.type == "llama3":
+        old = rope.original_max_positions
+        low_wavelen, high_wavelen = old / rope.low_freq_factor, old / rope.high_freq_factor
+        wavelen = 2 * math.pi / freq
+        scaled = torch.where(wavelen > low_wavelen, freq / rope.factor, freq)
+        smooth = (old / wavelen - rope.low_freq_factor) / (
+            rope.high_freq_factor - rope.low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+        return torch.where(medium, smoothed, scaled)
+    if rope.type == "yarn":
+        return _yarn_inv_freq(rope, dim, dev)
+    return freq
+
+
+def _yarn_inv_freq(rope: Rope, dim: int, dev: torch.device) -> torch.Tensor:
+    def correction_dim(rotations: float) -> float:
+        ratio = rope.original_max_positions / (rotations * 2 * math.pi)
+        return dim * math.log(ratio) / (2 * math.log(rope.theta))
+
+    low, high = correction_dim(rope.beta_fast), correction_dim(rope.beta_slow)
+    if rope.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # transformers' guard against a zero-width ramp
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrapolation = 1 - ramp.to(dev)  # [dim/2]: 1 keeps the original frequency
+    pos_freqs = rope.theta ** (torch.arange(0, dim, 2, device=dev).float() / dim)
+    return (1.0 / (rope.factor * pos_freqs)) * (1 - extrapolation) + (
+        1.0 / pos_freqs
+    ) * extrapolation
+
+
+def rotary(ctx: Context, cfg: ModelConfig, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin), each [B, S, rope.dim] in `dtype`, computed once per step and kept in ctx.memo."""
+    key = ("rotary", dtype)
+    if key not in ctx.memo:
+        assert cfg.rope is not None
+        freq = inv_freq(cfg.rope, cfg.max_positions, ctx.positions)  # [dim/2] float32
+        angles = ctx.positions[..., None].float() * freq  # [B, S, dim/2]
+        emb = torch.cat((angles, angles), dim=-1)  # [B, S, dim]
+        scale = cfg.rope.attention_factor
+        ctx.memo[key] = ((emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype))
+    return ctx.memo[key]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, S, D]; rotates the first cos.shape[-1] channels (all of them unless partial)."""
+    rot = cos.shape[-1]
+    xr, xp = (x, None) if rot == x.shape[-1] else (x[..., :rot], x[..., rot:])
+    cos, sin = cos[:, None], sin[:, None]  # [B, 1, S, rot]
+    x1, x2 = xr[..., : rot // 2], xr[..., rot // 2 :]
+    out = xr * cos + torch.cat((-x2, x1), dim=-1) * sin
+    return out if xp is None else torch.cat((out, xp), dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention
+
+
+def window_mask(ctx: Context, window: int | None) -> torch.Tensor:
+    """ctx.mask, narrowed to the last `window` cache positions of each query (Mistral)."""
+    if window is None:
+        return ctx.mask
+    key = ("window_mask", window)
+    if key not in ctx.memo:
+        S, T = ctx.mask.shape[-2:]
+        dev = ctx.mask.device
+        q_idx = torch.arange(ctx.start, ctx.start + S, device=dev)[:, None]  # [S, 1]
+        k_idx = torch.arange(T, device=dev)[None, :]  # [1, T]
+        # transformers' sliding_window_overlay: kv_idx > q_idx - window, on cache indices.
+        ctx.memo[key] = ctx.mask & (k_idx > q_idx - window)
+    return ctx.memo[key]
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv: LayerKV,
+    ctx: Context,
+    scale: float,
+    window: int | None = None,
+) -> torch.Tensor:
+    """Write this step's k, v into the cache and attend over kv[:, :, :start + S].
+
+    q [B, H, S, D]; k, v [B, Hkv, S, D] -> [B, S, H * D].
+    """
+    B, H, S, D = q.shape
+    end = ctx.start + S
+    kv.k[:, :, ctx.start : end] = k
+    kv.v[:, :, ctx.start : end] = v
+    keys = kv.k[:, :, :end].to(q.dtype)  # [B, Hkv, T, D]
+    values = kv.v[:, :, :end].to(q.dtype)
+    n_rep = H // keys.shape[1]
+    if n_rep > 1:
+        # GQA: expand kv heads. SDPA's enable_gqa would avoid the copy but sends a masked call
+        # to the slow math backend on CUDA (transformers makes the same choice).
+        T = keys.shape[2]
+        keys = keys[:, :, None].expand(B, -1, n_rep, T, D).reshape(B, H, T, D)
+        values = values[:, :, None].expand(B, -1, n_rep, T, D).reshape(B, H, T, D)
+    o = F.scaled_dot_product_attention(
+        q, keys, values, attn_mask=window_mask(ctx, window), scale=scale
+    )  # [B, H, S, D]
+    return o.transpose(1, 2).reshape(B, S, H * D)
