@@ -112,8 +112,18 @@ class Prefetcher:
         self._next = 0  # the main thread's position g in the cyclic streamed order
         self._issued = 0  # units the worker has filled, over all passes
         self.copy_events: list[tuple[int, Any, Any]] | None = None  # set to [] to time copies
+        # From pinned memory to a GPU every copy is asynchronous: the main thread issues it in
+        # release() and no thread hands work over (a Python thread waking for each copy waits
+        # for the GIL, and the link idles meanwhile). NVMe reads block, and a CPU-only run has
+        # no copy engine: there a worker thread stands in for the copy stream.
+        self.inline = self.cuda and all(
+            self.plan.placements[j].tier == "cpu" for j in self.streamed
+        )
         self._worker = threading.Thread(target=self._run, name="zeroinf-prefetch", daemon=True)
-        if self.streamed:
+        if self.streamed and self.inline:
+            for g in range(len(self.slots)):
+                self._issue(g, self.host[self.streamed[g % len(self.streamed)]])
+        elif self.streamed:
             self._worker.start()
 
     # ---- set-up: resident units and the CPU tier are read once, through the reader ----
@@ -199,35 +209,41 @@ class Prefetcher:
             reads: dict[int, Any] = {}  # g -> pending NVMe read handle
             for g in itertools.count():
                 j = self.streamed[g % len(self.streamed)]
-                slot = self.slots[g % len(self.slots)]
                 if self.plan.placements[j].tier == "nvme":
                     src = self._nvme_source(g, reads)
                 else:
                     src = self.host[j]
-                if not self._wait(slot.free):
+                if not self._wait(self.slots[g % len(self.slots)].free):
                     return
-                slot.free.clear()
-                self.trace("copy_start", j)
-                shard = self._shards[g % len(self.slots)] if self.group else None
-                if self.cuda:
-                    self.copy_stream.wait_event(slot.free_ev)
-                    timing = self._copy_timing()
-                    with torch.cuda.stream(self.copy_stream):
-                        self._fill(j, slot.buf, src, shard, non_blocking=True)
-                    slot.ready_ev.record(self.copy_stream)
-                    if timing is not None:
-                        timing[1].record(self.copy_stream)
-                        self.copy_events.append((j, *timing))
-                    if self.plan.placements[j].tier == "nvme":
-                        self._staging[g % len(self._staging)][1].record(self.copy_stream)
-                else:
-                    self._fill(j, slot.buf, src, shard, non_blocking=False)
-                self.trace("copy_done", j)
-                slot.unit = j
-                self._issued += 1
-                slot.filled.set()
+                self._issue(g, src)
         except BaseException as e:  # surfaced to the main thread by acquire()
             self._error = e
+
+    def _issue(self, g: int, src: torch.Tensor) -> None:
+        """Copy streamed unit g (cyclic order) from host bytes `src` into its slot, which the
+        compute of unit g - slots has released (on CUDA: once that compute finishes)."""
+        j = self.streamed[g % len(self.streamed)]
+        slot = self.slots[g % len(self.slots)]
+        slot.free.clear()
+        self.trace("copy_start", j)
+        shard = self._shards[g % len(self.slots)] if self.group else None
+        if self.cuda:
+            self.copy_stream.wait_event(slot.free_ev)
+            timing = self._copy_timing()
+            with torch.cuda.stream(self.copy_stream):
+                self._fill(j, slot.buf, src, shard, non_blocking=True)
+            slot.ready_ev.record(self.copy_stream)
+            if timing is not None:
+                timing[1].record(self.copy_stream)
+                self.copy_events.append((j, *timing))
+            if self.plan.placements[j].tier == "nvme":
+                self._staging[g % len(self._staging)][1].record(self.copy_stream)
+        else:
+            self._fill(j, slot.buf, src, shard, non_blocking=False)
+        self.trace("copy_done", j)
+        slot.unit = j
+        self._issued += 1
+        slot.filled.set()
 
     def _copy_timing(self) -> tuple[torch.cuda.Event, torch.cuda.Event] | None:
         """Start/end events around one copy, when copy timing is on (zeroinf-bench --trace)."""
@@ -303,7 +319,7 @@ class Prefetcher:
             raise ZeroInfError(f"prefetcher: unit {j} requested, but {expect} is next in order")
         slot = self.slots[self._next % len(self.slots)]
         while not slot.filled.wait(_POLL_S):
-            if self._error is not None or not self._worker.is_alive():
+            if self._error is not None or self.inline or not self._worker.is_alive():
                 raise self._failure()
         slot.filled.clear()
         if self.cuda:
@@ -322,6 +338,9 @@ class Prefetcher:
             slot.free_ev.record(torch.cuda.current_stream(self.device))
         self.trace("compute_done", j)
         slot.free.set()
+        if self.inline:  # refill this slot with the unit `slots` positions ahead
+            g = self._next + len(self.slots) - 1
+            self._issue(g, self.host[self.streamed[g % len(self.streamed)]])
 
     def _failure(self) -> BaseException:
         e = self._error
