@@ -41,6 +41,9 @@ python setup.py build_ext --inplace" ;;
       --prompt-len 512 --gen-len 32 ;;
     b96) bench b96 400 --model opt-13b --offload cpu --gpu-memory 12GiB --batch-size 96 \
       --prompt-len 512 --gen-len 32 ;;
+    b32t) run b32t 300 env ZEROINF_COPY_THREAD=1 python -m zeroinf.cli.bench --json "$OUT/b32t.json" \
+      --trace --model opt-13b --offload cpu --gpu-memory 12GiB --batch-size 32 --prompt-len 512 \
+      --gen-len 32 ;;
     nvme) bench nvme 500 --model llama-2-7b --offload nvme --nvme-dir "$NVME" \
       --gpu-memory 8GiB --batch-size 8 --prompt-len 128 --gen-len 4 ;;
     *) echo "unknown stage $s" >>"$OUT/summary.txt" ;;

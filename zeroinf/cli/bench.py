@@ -226,6 +226,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         "achieved_stream_GBps_decode": plan.streamed_bytes * steps / st.decode_s / GB,
         "pinned_host_bytes": model.prefetcher.pinned_bytes,
         "copy_profile": profile,
+        "host_pass_s": model.executor.host_pass_s,
         "kv_bytes": model.kv_bytes(a.batch_size, a.prompt_len + a.gen_len),
     }  # fmt: skip
     if device.type == "cuda":
@@ -240,8 +241,10 @@ def print_table(r: dict[str, Any]) -> None:
         cp = r["copy_profile"]
         print(
             f"  copies: {cp['copies']}, {cp['copy_bytes_per_s'] / GB:.1f} GB/s while copying, "
-            f"link busy {cp['busy_fraction']:.3f} of the time"
+            f"link busy {cp['busy_fraction']:.3f} of the time; decode idle "
+            f"{cp['decode_idle_s']:.3f} s, most before {cp['decode_idle_before']}"
         )
+        print(f"  host time per decode pass {r['host_pass_s'] * 1e3:.1f} ms")
     print(
         f"\n{r['model']} {r['dtype']} on {r['device_name']} ({r['date']}), offload "
         f"{r['offload']}, batch {r['batch']}, prompt {r['prompt_len']}, gen {r['gen_len']}"

@@ -65,4 +65,6 @@ def rank_device(device: torch.device) -> torch.device:
     """Under torchrun, a CUDA device means this rank's local GPU."""
     if device.type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
     return device

@@ -4,6 +4,7 @@ and hands the model its tensors."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -36,6 +37,7 @@ class Executor:
             self._layout.append([(key, by_name[hf]) for key, hf in tables[u.name].items()])
         self._views: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
         self.kinds = [_kind(u) for u in units]
+        self.host_pass_s = 0.0
 
     def _weights(self, j: int, buf: torch.Tensor) -> dict[str, torch.Tensor]:
         """Tensor views into unit j's buffer, cached per (unit, buffer)."""
@@ -53,6 +55,7 @@ class Executor:
         """The block schedule: each unit, once on the device, serves every micro-batch before it
         is released. ids [B_k, S] per micro-batch -> float32 logits of the last position
         [B_k, V] per micro-batch."""
+        t0 = time.perf_counter()
         xs: list[torch.Tensor] = [mb.ids for mb in batches]
         layer = 0
         for j, kind in enumerate(self.kinds):
@@ -70,6 +73,7 @@ class Executor:
                 raise
             layer += kind == "layer"
             self.prefetcher.release(j)
+        self.host_pass_s = time.perf_counter() - t0  # host time to issue the pass (tracing)
         return xs
 
     def skip_pass(self) -> None:

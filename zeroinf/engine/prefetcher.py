@@ -17,6 +17,7 @@ thread copies synchronously, standing in for the copy stream, so CI runs this co
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -116,8 +117,10 @@ class Prefetcher:
         # release() and no thread hands work over (a Python thread waking for each copy waits
         # for the GIL, and the link idles meanwhile). NVMe reads block, and a CPU-only run has
         # no copy engine: there a worker thread stands in for the copy stream.
-        self.inline = self.cuda and all(
-            self.plan.placements[j].tier == "cpu" for j in self.streamed
+        self.inline = (
+            self.cuda
+            and all(self.plan.placements[j].tier == "cpu" for j in self.streamed)
+            and os.environ.get("ZEROINF_COPY_THREAD") != "1"  # for A/B measurements
         )
         self._worker = threading.Thread(target=self._run, name="zeroinf-prefetch", daemon=True)
         if self.streamed and self.inline:
@@ -263,7 +266,20 @@ class Prefetcher:
         busy = sum(a.elapsed_time(b) for _, a, b in ev) / 1e3
         span = ev[0][1].elapsed_time(ev[-1][2]) / 1e3
         nbytes = sum(self.units[j].nbytes // self.world for j, _, _ in ev)
-        return {"copies": len(ev), "copy_bytes_per_s": nbytes / busy, "busy_fraction": busy / span}
+        # idle link time before each copy after the first pass (decode), summed per unit
+        n = len(self.streamed)
+        idle: dict[int, float] = {}
+        for k in range(n + 1, len(ev)):
+            j = ev[k][0]
+            idle[j] = idle.get(j, 0.0) + ev[k - 1][2].elapsed_time(ev[k][1]) / 1e3
+        worst = sorted(idle.items(), key=lambda kv: -kv[1])[:4]
+        return {
+            "copies": len(ev),
+            "copy_bytes_per_s": nbytes / busy,
+            "busy_fraction": busy / span,
+            "decode_idle_s": sum(idle.values()),
+            "decode_idle_before": {self.units[j].name: round(t, 4) for j, t in worst},
+        }
 
     def _fill(
         self,
