@@ -1,0 +1,249 @@
+"""zeroinf-generate: a JSONL file of prompts -> a JSONL file of completions, resumable."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from types import FrameType
+from typing import Any, NoReturn
+
+PROG = "zeroinf-generate"
+AUTO_BATCH_SIZE = 32  # --batch-size auto, until the planner sizes batches from the KV budget
+EPILOG = """\
+input lines (JSONL), one of:
+  {"id": "a", "prompt": "Summarise: ..."}
+  {"id": "b", "messages": [{"role": "user", "content": "..."}]}   (the chat template)
+  {"id": 3, "input_ids": [1, 415, 2936]}
+  optional per record: max_new_tokens, temperature, top_k, top_p, seed, stop, meta
+
+output lines, in any order:
+  {"id", "text", "token_ids", "finish_reason": "stop"|"length",
+   "usage": {"prompt_tokens", "completion_tokens"}}      (+ "meta" when the record had one)
+  {"id", "error"}   a bad record (with "line" when its id is missing, invalid or repeated)
+
+Every finished batch is appended and fsynced. Rerun the same command after a crash or Ctrl-C:
+ids already in OUTPUT are skipped and a torn last line is cut off, so no record is lost or
+repeated, and with the same --seed the outputs are the same as an uninterrupted run's (each
+record samples from its own seed, derived from --seed and its id). Under torchrun each rank
+runs every WORLD_SIZE-th record into OUTPUT.rank<r>; rank 0 merges them into OUTPUT.
+
+examples:
+  zeroinf-generate --model ~/ckpt/llama2-7b --input prompts.jsonl --output out.jsonl
+  zeroinf-generate --model ~/models/Mistral-7B-Instruct --input q.jsonl --output a.jsonl \\
+      --chat --temperature 0.7 --top-p 0.9 --max-new-tokens 256 --gpu-memory 8GiB
+  torchrun --nproc-per-node 4 -m zeroinf.cli.generate --model M --input I --output O"""
+
+log = logging.getLogger("zeroinf")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        _fail(f"{message} (see {PROG} --help)")
+
+
+def _fail(message: str, code: int = 2) -> NoReturn:
+    print(f"{PROG}: error: {' '.join(str(message).split())}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def _batch_size(v: str) -> int | str:
+    if v == "auto":
+        return v
+    if not v.isdigit() or int(v) < 1:
+        raise argparse.ArgumentTypeError(f"{v!r}: an integer >= 1 or 'auto'")
+    return int(v)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog=PROG,
+        description="Generate completions for a JSONL file of prompts with a model larger than "
+        "the GPU (weights streamed from pinned CPU memory or NVMe). Resumable.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    io = p.add_argument_group("files")
+    io.add_argument("--model", required=True, help="a zeroinf checkpoint or a Hugging Face folder")
+    io.add_argument("--input", required=True, help="JSONL records (see below)")
+    io.add_argument("--output", required=True, help="JSONL results, appended to and resumed")
+    m = p.add_argument_group("placement")
+    m.add_argument("--device", help="cuda:N or cpu (default: cuda:0 if available, else cpu)")
+    m.add_argument("--offload", choices=("cpu", "nvme"), default="cpu",
+                   help="where streamed layers live (default: cpu, pinned memory)")  # fmt: skip
+    m.add_argument("--gpu-memory", default="12GiB",
+                   help="device budget for resident and streaming weights, e.g. 12GiB, or 'all' "
+                   "to keep every layer resident (default: 12GiB)")  # fmt: skip
+    m.add_argument("--nvme-dir", help="with --offload nvme: convert an HF folder into this folder")
+    m.add_argument("--prefetch", type=int, default=2, help="layers streamed ahead (default: 2)")
+    m.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
+                   help="weights dtype (default: the checkpoint's)")  # fmt: skip
+    g = p.add_argument_group("generation (a record's own fields override these)")
+    g.add_argument("--batch-size", type=_batch_size, default="auto",
+                   help=f"records per batch, or 'auto' (for now: {AUTO_BATCH_SIZE})")  # fmt: skip
+    g.add_argument("--max-new-tokens", type=int, default=128, help="default: 128")
+    g.add_argument("--temperature", type=float, default=0.0,
+                   help="0 = greedy (default); > 0 samples")  # fmt: skip
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default: 1.0 = off)")
+    g.add_argument("--top-k", type=int, default=0, help="top-k sampling (default: 0 = off)")
+    g.add_argument("--seed", type=int, default=0,
+                   help="job seed; each record samples from a seed derived from it and the "
+                   "record's id (default: 0)")  # fmt: skip
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="end a completion where its text contains TEXT (repeatable)")  # fmt: skip
+    g.add_argument("--chat", action="store_true",
+                   help="render 'prompt' records through the tokenizer's chat template as one "
+                   "user message ('messages' records always are)")  # fmt: skip
+    p.add_argument("--quiet", action="store_true", help="no progress bar, a log line per batch")
+    return p
+
+
+def check_args(a: argparse.Namespace) -> None:
+    """Bad flags and paths exit 2 before anything heavy is imported."""
+    if a.max_new_tokens < 1:
+        _fail(f"--max-new-tokens {a.max_new_tokens}: must be >= 1")
+    if not a.temperature >= 0:
+        _fail(f"--temperature {a.temperature}: must be >= 0 (0 = greedy)")
+    if not 0 < a.top_p <= 1:
+        _fail(f"--top-p {a.top_p}: must be in (0, 1]")
+    if a.top_k < 0:
+        _fail(f"--top-k {a.top_k}: must be >= 0")
+    if not 0 <= a.seed < 2**63:
+        _fail(f"--seed {a.seed}: must be in [0, 2**63)")
+    if a.prefetch < 1:
+        _fail(f"--prefetch {a.prefetch}: must be >= 1")
+    if any(not s for s in a.stop):
+        _fail("--stop: stop strings must be non-empty")
+    model, inp, out = Path(a.model), Path(a.input), Path(a.output)
+    if not model.is_dir():
+        _fail(f"--model {model}: {'not a folder' if model.exists() else 'no such folder'}")
+    if not (model / "config.json").is_file() and not (model / "manifest.json").is_file():
+        _fail(f"--model {model}: neither a zeroinf checkpoint nor a Hugging Face folder "
+              "(no manifest.json or config.json)")  # fmt: skip
+    if not inp.is_file():
+        _fail(f"--input {inp}: {'not a file' if inp.exists() else 'no such file'}")
+    if not os.access(inp, os.R_OK):
+        _fail(f"--input {inp}: not readable")
+    if out.exists() and not out.is_file():
+        _fail(f"--output {out}: not a file")
+    if not out.parent.is_dir():
+        _fail(f"--output {out}: no such folder {out.parent}")
+    if out.exists() and out.resolve() == inp.resolve():
+        _fail(f"--output {out}: is the input file")
+    if not os.access(out.parent, os.W_OK) or out.exists() and not os.access(out, os.W_OK):
+        _fail(f"--output {out}: not writable")
+
+
+def load_tokenizer(*folders: Path) -> Any:
+    """The checkpoint's tokenizer from local files (the converter copies them beside the
+    manifest); None when no folder holds one."""
+    from transformers import AutoTokenizer
+
+    for folder in dict.fromkeys(folders):
+        has_files = any(folder.glob("tokenizer*")) or any(folder.glob("*.model"))
+        if not has_files:
+            continue
+        try:
+            return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        except Exception as e:  # a broken tokenizer is reported, then text records fail alone
+            log.warning("%s: cannot load the tokenizer (%s)", folder, " ".join(str(e).split()))
+    return None
+
+
+def eos_ids(folders: list[Path], tok: Any) -> tuple[int, ...]:
+    """End-of-sequence ids: generation_config.json's (an id or a list), else the tokenizer's."""
+    for folder in folders:
+        f = folder / "generation_config.json"
+        if f.is_file():
+            eos = json.loads(f.read_text()).get("eos_token_id")
+            if eos is not None:
+                return tuple(eos) if isinstance(eos, list) else (int(eos),)
+    if tok is not None and tok.eos_token_id is not None:
+        return (int(tok.eos_token_id),)
+    return ()
+
+
+class _Terminated(KeyboardInterrupt):
+    code = 143
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise _Terminated()
+
+
+def run(a: argparse.Namespace) -> int:
+    import torch
+
+    import zeroinf
+    from zeroinf.jobs import Defaults, JobConfig, Ranks, Sampling, run_job
+
+    ranks = Ranks.from_env()
+    device = a.device
+    if device is None:
+        device = "cuda:0" if torch.cuda.is_available() else "cpu"
+        if device == "cpu":
+            log.warning("no CUDA device: generating on the CPU (slow); --device cpu hides this")
+    elif device == "cuda":
+        device = "cuda:0"
+    batch = a.batch_size
+    if batch == "auto":
+        batch = AUTO_BATCH_SIZE
+        log.info("--batch-size auto: %d records per batch", batch)
+    defaults = Defaults(
+        max_new_tokens=a.max_new_tokens, sampling=Sampling(a.temperature, a.top_k, a.top_p),
+        seed=a.seed, stop=tuple(a.stop), chat=a.chat,
+    )  # fmt: skip
+    cfg = JobConfig(Path(a.input), Path(a.output), defaults, batch, not a.quiet, ranks)
+    tok = load_tokenizer(Path(a.model))
+    if tok is None and (a.chat or a.stop):
+        _fail(f"--model {a.model}: no tokenizer files, so --chat and --stop cannot work")
+    if a.chat and not tok.chat_template:
+        _fail(f"--chat: the tokenizer in {a.model} has no chat template")
+    if tok is None:
+        log.warning("%s: no tokenizer; only input_ids records can run, text is null", a.model)
+    gpu_memory = None if a.gpu_memory == "all" else a.gpu_memory
+    model = zeroinf.load(
+        a.model, device=device, offload=a.offload, gpu_memory=gpu_memory, nvme_dir=a.nvme_dir,
+        prefetch=a.prefetch, dtype=a.dtype, progress=not a.quiet,
+    )  # fmt: skip
+    try:
+        folders = [Path(a.model), model.checkpoint.path]
+        summary = run_job(cfg, model, tok, eos_ids(folders, tok))
+    finally:
+        model.close()
+    print(f"{PROG}: {summary.line(cfg.output, ranks)}", flush=True)
+    return summary.interrupted
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    check_args(a)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from zeroinf.errors import ZeroInfError
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    old_term = signal.getsignal(signal.SIGTERM) if main_thread else None
+    if old_term is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _on_sigterm)  # batch schedulers stop jobs with SIGTERM
+    try:
+        return run(a)
+    except ZeroInfError as e:
+        _fail(str(e))
+    except KeyboardInterrupt as e:  # before the job loop started: nothing was written
+        code = getattr(e, "code", 130)
+        print(f"{PROG}: interrupted before any record was written", file=sys.stderr)
+        return code
+    except OSError as e:
+        _fail(f"{e.filename or ''}: {e.strerror or e}")
+    finally:
+        if old_term is signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, old_term)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
