@@ -46,6 +46,10 @@ python setup.py build_ext --inplace" ;;
       --gen-len 32 ;;
     nvme) bench nvme 500 --model llama-2-7b --offload nvme --nvme-dir "$NVME" \
       --gpu-memory 8GiB --batch-size 8 --prompt-len 128 --gen-len 4 ;;
+    ttft) run ttft-write 200 python -c "import torch; from zeroinf.cli.bench import write_shape; \
+print(write_shape('llama-2-7b', torch.float16, '$NVME'))"
+      bench ttft 300 --path "$NVME/llama-2-7b-float16" --offload cpu --gpu-memory 8GiB \
+        --batch-size 8 --prompt-len 128 --gen-len 2 ;;
     *) echo "unknown stage $s" >>"$OUT/summary.txt" ;;
   esac
 done

@@ -143,6 +143,10 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(a.device)
     dtype = DTYPES[a.dtype]
     if a.path:
+        from zeroinf.convert import ensure_converted
+
+        disk = measure_disk(Checkpoint(ensure_converted(a.path, progress=False)), a.io_backend)
+        drop_page_cache()  # time to first token from a cold checkpoint
         model = zeroinf.load(a.path, device=device, offload=a.offload, gpu_memory=a.gpu_memory,
                              prefetch=a.prefetch, io_backend=a.io_backend,
                              prefill_tokens=a.prefill_tokens)  # fmt: skip
@@ -166,7 +170,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     hidden = cfg_dict["hidden_size"]
     ffn = cfg_dict.get("intermediate_size") or cfg_dict.get("ffn_dim") or 4 * hidden
     mach = measure_machine(device, hidden, ffn, dtype)
-    disk = measure_disk(ckpt, a.io_backend) if a.offload == "nvme" else None
+    if not a.path:
+        disk = measure_disk(ckpt, a.io_backend) if a.offload == "nvme" else None
     if model is None:
         from dataclasses import replace
 
@@ -198,7 +203,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
 
         mach["h2d_bytes_per_s_after"] = measure_h2d(device, nbytes=512 << 20)
         mach["h2d_bytes_per_s"] = max(mach["h2d_bytes_per_s"], mach["h2d_bytes_per_s_after"])
-    stream_bw = mach["h2d_bytes_per_s"] if disk is None else min(disk, mach["h2d_bytes_per_s"])
+    h2d = mach["h2d_bytes_per_s"]
+    stream_bw = min(disk, h2d) if disk is not None and a.offload == "nvme" else h2d
     machine = Machine(stream_bw, mach["flops"], mach["hbm_bytes_per_s"])
     cost = ModelCost.from_manifest(ckpt.manifest)
     pre_floor, dec_floor = roofline_seconds(
@@ -215,6 +221,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         "streamed_bytes_per_pass": plan.streamed_bytes, "slots": plan.slots,
         "measured": {**mach, "disk_bytes_per_s": disk},
         "load_s": load_s, "prefill_s": st.prefill_s, "decode_s": st.decode_s,
+        "first_token_s": load_s + st.prefill_s,
+        "checkpoint_bytes": sum(u.nbytes for u in ckpt.units),
         "decode_step_s": st.decode_step_s, "total_s": st.total_s,
         "prefill_tok_per_s": a.batch_size * a.prompt_len / st.prefill_s,
         "decode_tok_per_s": a.batch_size * steps / st.decode_s if st.new_tokens > 1 else None,
@@ -264,6 +272,12 @@ def print_table(r: dict[str, Any]) -> None:
         ("decode step s", r["decode_step_s"], r["roofline_decode_s"] / max(1, r["gen_len"] - 1)),
         ("total tok/s", r["total_tok_per_s"], r["roofline_tok_per_s"]),
     ]
+    if m["disk_bytes_per_s"]:
+        floor = r["checkpoint_bytes"] / m["disk_bytes_per_s"]
+        print(
+            f"  load + prefill (first token) {r['first_token_s']:.1f} s; checkpoint "
+            f"{r['checkpoint_bytes'] / GB:.2f} GB / disk = {floor:.1f} s"
+        )
     print(f"  {'':14} {'measured':>10} {'roofline':>10}")
     for name, got, roof in rows:
         print(f"  {name:14} {got:10.4g} {roof:10.4g}")
