@@ -19,6 +19,7 @@ import ctypes
 import errno
 import importlib
 import os
+import time
 from typing import Any, Protocol
 
 
@@ -40,33 +41,54 @@ class Backend(Protocol):
 
 
 class NativeBackend:
-    """zeroinf._native_aio: kernel AIO from C, one I/O thread, no GIL on the I/O path."""
+    """zeroinf._native_aio: kernel AIO from C, no GIL on the I/O path. A request is split over
+    `rings` C readers (each its own AIO context and I/O thread): one submitting thread keeps
+    one virtio/NVMe queue busy, several keep several (seen on the device machine: a 32-thread
+    preadv pool out-read a single AIO context by 8%)."""
 
     name = "native"
 
-    def __init__(self, queue_depth: int, block_size: int) -> None:
+    def __init__(self, queue_depth: int, block_size: int, rings: int | None = None) -> None:
         try:
             mod = importlib.import_module("zeroinf._native_aio")
         except ImportError as e:
             raise ImportError(f"zeroinf._native_aio is not built ({e})") from None
-        self._r = mod.Reader(queue_depth, block_size)  # OSError if io_setup is refused
+        n = rings or int(os.environ.get("ZEROINF_IO_RINGS", "4"))
+        depth = max(1, queue_depth // n)
+        self.block = block_size
+        # OSError if io_setup is refused
+        self._rings = [mod.Reader(depth, block_size) for _ in range(max(1, n))]
 
-    def submit(self, fd: int, offset: int, length: int, addr: int, path: str) -> int:
-        return self._r.submit(fd, offset, length, addr, path)
+    def submit(self, fd: int, offset: int, length: int, addr: int, path: str) -> list:
+        # contiguous pieces of whole blocks, one per ring (fewer for short requests)
+        blocks = -(-length // self.block)
+        per = -(-blocks // len(self._rings)) * self.block
+        token = []
+        for k, start in enumerate(range(0, length, per)):
+            n = min(per, length - start)
+            r = self._rings[k]
+            token.append((r, r.submit(fd, offset + start, n, addr + start, path)))
+        return token
 
-    def wait(self, token: int, timeout: float | None) -> bool:
-        try:
-            return self._r.wait(token, timeout)
-        except (OSError, EOFError) as e:
-            if not hasattr(e, "nread"):  # not a read failure: a bug or a closed reader
-                raise
-            raise IOFailure(e.errno if isinstance(e, OSError) else None, e.offset) from None
+    def wait(self, token: list, timeout: float | None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for r, rid in token:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                if not r.wait(rid, left):
+                    return False
+            except (OSError, EOFError) as e:
+                if not hasattr(e, "nread"):  # not a read failure: a bug or a closed reader
+                    raise
+                raise IOFailure(e.errno if isinstance(e, OSError) else None, e.offset) from None
+        return True
 
-    def done(self, token: int) -> bool:
-        return self._r.done(token)
+    def done(self, token: list) -> bool:
+        return all(r.done(rid) for r, rid in token)
 
     def close(self) -> None:
-        self._r.close()
+        for r in self._rings:
+            r.close()
 
 
 class _PoolRequest:
