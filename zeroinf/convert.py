@@ -58,10 +58,59 @@ AUX_PATTERNS = (
 
 
 @dataclass(frozen=True)
+class Quantization:
+    """Weight-only group-wise quantization of linear weights (kernels.quant's packed layout)."""
+
+    bits: int  # 4 or 8
+    group_size: int = 64
+    scheme: str = "sym"  # "sym" | "asym" (int4 only)
+    head: bool = False  # also the LM head (embeddings are never quantized: they are gathered)
+
+    def __post_init__(self) -> None:
+        if self.bits not in (4, 8):
+            raise ConfigError(f"--quantize: int{self.bits} is not supported (int4 or int8)")
+        if self.group_size < 32 or self.group_size & (self.group_size - 1):
+            raise ConfigError(f"--group-size {self.group_size}: a power of two >= 32")
+        if self.scheme not in ("sym", "asym") or (self.bits == 8 and self.scheme != "sym"):
+            raise ConfigError(f"--quant-scheme {self.scheme!r}: int4 sym|asym, int8 sym")
+
+    def applies(self, unit: str, name: str, shape: tuple[int, ...]) -> bool:
+        """Linear weights [N, K] of the decoder layers (and the head when asked); matrices with
+        fewer rows than a group (a MoE router) stay in float."""
+        in_scope = unit.startswith("layers.") or (self.head and unit == "head")
+        return (
+            in_scope
+            and name.endswith(".weight")
+            and len(shape) == 2
+            and shape[0] >= self.group_size
+            and shape[1] % self.group_size == 0
+        )
+
+    def parts(self, shape: tuple[int, ...]) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+        """(suffix, dtype, shape) of what one quantized [N, K] weight is stored as."""
+        n, k = shape
+        q = (
+            ("qweight", torch.int8, (n, k))
+            if self.bits == 8
+            else ("qweight", torch.uint8, (n, k // 2))
+        )
+        out = [q, ("scales", torch.float16, (k // self.group_size, n))]
+        if self.scheme == "asym":
+            out.append(("zeros", torch.float16, (k // self.group_size, n)))
+        return out
+
+    def to_json(self, names: list[str]) -> dict:
+        return {"bits": self.bits, "group_size": self.group_size, "scheme": self.scheme,
+                "scale_dtype": "float16", "tensors": sorted(names)}  # fmt: skip
+
+
+@dataclass(frozen=True)
 class _Placed:
-    name: str  # the HF tensor name the family asked for (manifest name)
+    name: str  # the HF tensor name the family asked for (manifest name; + ".qweight" etc.)
     src: str  # the name in the source files (may differ by a "model." prefix)
     dtype: torch.dtype  # stored dtype
+    shape: tuple[int, ...] | None = None  # stored shape when it is a quantized part
+    part: str | None = None  # "qweight" | "scales" | "zeros" of a quantized weight
 
 
 def _read_config(src: Path) -> dict:
@@ -121,6 +170,7 @@ def plan_units(
     units: list[tuple[str, dict[str, str]]],
     source: HFSource,
     dtype: torch.dtype,
+    quant: Quantization | None = None,
 ) -> list[tuple[str, list[_Placed]]]:
     """Place every source tensor in exactly one unit (the tied head copy aside), or raise naming
     the missing or left-over tensor. Tensors transformers itself ignores on load (saved buffers
@@ -151,6 +201,10 @@ def plan_units(
                 out = t.dtype
             else:
                 raise CheckpointError(f"{t.file}: tensor {src!r} has unsupported dtype {t.dtype}")
+            if quant is not None and out.is_floating_point and quant.applies(unit, hf, t.shape):
+                for part, pdtype, pshape in quant.parts(t.shape):
+                    entries[f"{hf}.{part}"] = _Placed(f"{hf}.{part}", src, pdtype, pshape, part)
+                continue
             entries[hf] = _Placed(hf, src, out)
         placed.append((unit, list(entries.values())))
     tied = [p.src for u, ps in placed if u == "head" for p in ps if owner[p.src] == "embed"]
@@ -212,6 +266,14 @@ def _copy_aux(src: Path, dst: Path) -> None:
         _fsync(dst / name)
 
 
+def _quantize(source: HFSource, name: str, quant: Quantization) -> dict[str, torch.Tensor]:
+    from kernels.quant import quantize
+
+    w = torch.empty(source.tensors[name].shape, dtype=torch.float32)
+    source.read_into(name, w)
+    return quantize(w, quant.bits, quant.group_size, quant.scheme, scale_dtype=torch.float16)
+
+
 def _fill(
     buf: torch.Tensor,
     placed: list[_Placed],
@@ -219,14 +281,22 @@ def _fill(
     size: int,
     source: HFSource,
     bar: tqdm,
+    quant: Quantization | None = None,
 ) -> tuple[TensorEntry, ...]:
     """Build one unit in buf[:size]: each tensor at its offset, padding zeroed (stable CRC)."""
     tensors, end = [], 0
+    quantized: tuple[str, dict[str, torch.Tensor]] | None = None  # (src, parts) of the last one
     for p, off in zip(placed, offsets, strict=True):
-        shape = source.tensors[p.src].shape
+        shape = p.shape or source.tensors[p.src].shape
         nb = math.prod(shape) * p.dtype.itemsize
         buf[end:off].zero_()
-        source.read_into(p.src, buf[off : off + nb].view(p.dtype).view(shape))
+        dest = buf[off : off + nb].view(p.dtype).view(shape)
+        if p.part is None:
+            source.read_into(p.src, dest)
+        else:  # a quantized weight's parts are adjacent: quantize once, copy each part
+            if quantized is None or quantized[0] != p.src:
+                quantized = (p.src, _quantize(source, p.src, quant))
+            dest.copy_(quantized[1][p.part])
         tensors.append(TensorEntry(p.name, dtype_name(p.dtype), shape, off, nb))
         end = off + nb
         bar.update(nb)
@@ -243,9 +313,11 @@ def _build(
     source: HFSource,
     dtype: str,
     progress: bool,
+    quant: Quantization | None = None,
 ) -> None:
     layouts = [
-        layout([(p.name, p.dtype, source.tensors[p.src].shape) for p in ps]) for _, ps in plan
+        layout([(p.name, p.dtype, p.shape or source.tensors[p.src].shape) for p in ps])
+        for _, ps in plan
     ]
     buf = torch.empty(max(size for _, size in layouts), dtype=torch.uint8)  # reused by every unit
     width = len(str(len(plan) - 1))
@@ -264,7 +336,7 @@ def _build(
     with bar, ThreadPoolExecutor(1, thread_name_prefix="zeroinf-fsync") as fsyncer:
         for j, ((unit, placed), (offsets, size)) in enumerate(zip(plan, layouts, strict=True)):
             bar.set_postfix_str(f"unit {j + 1}/{len(plan)} {unit}", refresh=False)
-            tensors = _fill(buf, placed, offsets, size, source, bar)
+            tensors = _fill(buf, placed, offsets, size, source, bar, quant)
             file = f"{j:0{width}d}-{unit}.bin"
             crc = _write_unit(out / file, buf[:size])
             synced.append(fsyncer.submit(_fsync, out / file))
@@ -272,7 +344,9 @@ def _build(
         for f in synced:
             f.result()  # an fsync error (EIO, ENOSPC on some filesystems) surfaces here
     _copy_aux(src, out)
-    write_manifest(out, Manifest(dtype, config, tuple(entries)))
+    qnames = [p.name.rsplit(".", 1)[0] for _, ps in plan for p in ps if p.part == "qweight"]
+    qblock = quant.to_json(qnames) if quant is not None else None
+    write_manifest(out, Manifest(dtype, config, tuple(entries), qblock))
     _fsync(out)
 
 
@@ -293,8 +367,10 @@ def convert(
     dtype: str | None = None,
     force: bool = False,
     progress: bool = True,
+    quantize: Quantization | None = None,
 ) -> Path:
     """Convert the HF folder `src` into a zeroinf checkpoint at `dst`; returns `dst`.
+    quantize: store the decoder layers' linear weights group-wise int4/int8 (docs/format.md).
 
     dtype: "bfloat16" | "float16" | "float32" for float tensors (integer tensors are kept);
     None keeps the source's dtype. force: replace an existing zeroinf checkpoint at dst.
@@ -310,10 +386,10 @@ def convert(
     partial = dst.absolute().with_name(dst.absolute().name + ".partial")
     try:
         dtype = dtype or default_dtype(config, source)
-        plan = plan_units(config["model_type"], units, source, DTYPES[dtype])
+        plan = plan_units(config["model_type"], units, source, DTYPES[dtype], quantize)
         shutil.rmtree(partial, ignore_errors=True)  # left by a killed run
         partial.mkdir(parents=True)
-        _build(src, partial, config, plan, source, dtype, progress)
+        _build(src, partial, config, plan, source, dtype, progress, quantize)
         if dst.exists() or dst.is_symlink():  # --force: swap, then drop the old checkpoint
             old = dst.with_name(f"{dst.name}.old-{os.getpid()}")
             os.rename(dst, old)

@@ -227,7 +227,37 @@ def parse_manifest(raw: Any, where: str = MANIFEST) -> Manifest:
     _check_order(names, where)
     files = [os.path.normpath(u.file) for u in units]
     _expect(len(set(files)) == len(files), where, "two units share one file")
+    if raw.get("quantization") is not None:
+        _check_quantization(raw["quantization"], units, where)
     return Manifest(raw["dtype"], raw["config"], units, raw.get("quantization"))
+
+
+def _check_quantization(q: dict[str, Any], units: tuple[UnitEntry, ...], where: str) -> None:
+    """{"bits": 4|8, "group_size": G, "scheme": "sym"|"asym", "scale_dtype": "float16",
+    "tensors": [HF names]}: each named weight is stored as <name>.qweight and <name>.scales
+    (+ <name>.zeros for asym) in one unit, with the shapes kernels.quant's layout implies."""
+    w = f"{where} quantization"
+    _expect(q.get("bits") in (4, 8), w, f"bits {q.get('bits')!r} not 4 or 8")
+    g = q.get("group_size")
+    _expect(_is_int(g) and g >= 2 and g & (g - 1) == 0, w, f"group_size {g!r}: a power of two")
+    _expect(q.get("scheme") in ("sym", "asym"), w, f"scheme {q.get('scheme')!r}")
+    _expect(q.get("scale_dtype") in DTYPES, w, f"scale_dtype {q.get('scale_dtype')!r}")
+    names = q.get("tensors")
+    _expect(isinstance(names, list) and all(isinstance(n, str) for n in names), w, "tensors")
+    parts = ["qweight", "scales"] + (["zeros"] if q["scheme"] == "asym" else [])
+    stored = {t.name: t for u in units for t in u.tensors}
+    qdtype = "int8" if q["bits"] == 8 else "uint8"
+    for n in names:
+        for part in parts:
+            _expect(f"{n}.{part}" in stored, w, f"tensor {n!r} has no {part}")
+        qw, sc = stored[f"{n}.qweight"], stored[f"{n}.scales"]
+        k = qw.shape[1] * (2 if q["bits"] == 4 else 1) if len(qw.shape) == 2 else -1
+        _expect(
+            qw.dtype == qdtype and len(sc.shape) == 2 and k > 0 and k % g == 0
+            and sc.shape == (k // g, qw.shape[0]) and sc.dtype == q["scale_dtype"],
+            w, f"tensor {n!r}: qweight {qw.dtype}{list(qw.shape)} / scales "
+            f"{sc.dtype}{list(sc.shape)} do not fit int{q['bits']} groups of {g}",
+        )  # fmt: skip
 
 
 def write_manifest(folder: Path, manifest: Manifest) -> None:

@@ -53,6 +53,16 @@ def build_parser() -> argparse.ArgumentParser:
         "folder given)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--quantize",
+        choices=("int4", "int8"),
+        help="store the decoder layers' linear weights group-wise int4/int8 (docs/format.md)",
+    )
+    p.add_argument("--group-size", type=int, default=64, help="input channels per scale (64)")
+    p.add_argument(
+        "--quant-scheme", choices=("sym", "asym"), default="sym", help="int4 zero point (sym)"
+    )
+    p.add_argument("--quantize-head", action="store_true", help="also quantize the LM head")
     return p
 
 
@@ -77,7 +87,14 @@ def run(args: argparse.Namespace) -> str:
         _fail(f"expected SRC DST (or --check DST), got {len(args.paths)} path(s)")
     src, dst = (Path(p) for p in args.paths)
     t0 = time.perf_counter()
-    out = convert(src, dst, dtype=args.dtype, force=args.force, progress=not args.quiet)
+    quant = None
+    if args.quantize:
+        from zeroinf.convert import Quantization
+
+        quant = Quantization(int(args.quantize[3:]), args.group_size, args.quant_scheme,
+                             args.quantize_head)  # fmt: skip
+    out = convert(src, dst, dtype=args.dtype, force=args.force, progress=not args.quiet,
+                  quantize=quant)  # fmt: skip
     dt = time.perf_counter() - t0
     from zeroinf.format import Checkpoint
 

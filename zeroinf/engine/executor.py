@@ -12,8 +12,8 @@ from typing import Any
 import torch
 
 from zeroinf.engine.prefetcher import Prefetcher
-from zeroinf.format import DTYPES, UnitEntry
-from zeroinf.models.base import Context, LayerKV
+from zeroinf.format import DTYPES, TensorEntry, UnitEntry
+from zeroinf.models.base import Context, LayerKV, QuantWeight
 
 
 @dataclass
@@ -30,11 +30,23 @@ class Executor:
         self.prefetcher, self.family, self.cfg = prefetcher, family, cfg
         units = prefetcher.units
         tables = dict(family.unit_tensors(cfg))
-        # Per unit: (local key, manifest tensor entry) pairs, so views need no name lookups.
+        # Per unit: (local key, manifest entries) pairs, so views need no name lookups. A
+        # quantized weight has its parts (qweight, scales[, zeros]) and becomes a QuantWeight.
+        q = prefetcher.ckpt.manifest.quantization
+        quantized = set(q["tensors"]) if q else set()
+        parts = (
+            ("qweight", "scales", "zeros") if q and q["scheme"] == "asym" else ("qweight", "scales")
+        )
         self._layout: list[list[tuple[str, Any]]] = []
         for u in units:
             by_name = {t.name: t for t in u.tensors}
-            self._layout.append([(key, by_name[hf]) for key, hf in tables[u.name].items()])
+            entries = []
+            for key, hf in tables[u.name].items():
+                if hf in quantized:
+                    entries.append((key, tuple(by_name[f"{hf}.{p}"] for p in parts)))
+                else:
+                    entries.append((key, by_name[hf]))
+            self._layout.append(entries)
         self._views: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
         self.kinds = [_kind(u) for u in units]
         self.host_pass_s = 0.0
@@ -45,7 +57,9 @@ class Executor:
         w = self._views.get(key)
         if w is None:
             w = {
-                k: buf[t.offset : t.offset + t.nbytes].view(DTYPES[t.dtype]).view(t.shape)
+                k: QuantWeight(*(_view(buf, e) for e in t))
+                if isinstance(t, tuple)
+                else _view(buf, t)
                 for k, t in self._layout[j]
             }
             self._views[key] = w
@@ -96,6 +110,10 @@ class Executor:
                 pf.release(j)
         except BaseException:
             pass  # the original error is the one to report
+
+
+def _view(buf: torch.Tensor, t: TensorEntry) -> torch.Tensor:
+    return buf[t.offset : t.offset + t.nbytes].view(DTYPES[t.dtype]).view(t.shape)
 
 
 def _kind(u: UnitEntry) -> str:

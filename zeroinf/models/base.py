@@ -44,6 +44,18 @@ class Context:
     memo: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class QuantWeight:
+    """A linear weight [N, K] stored group-wise int4/int8 (kernels.quant's layout): what a
+    family's weight dict holds in place of a tensor for a quantized checkpoint. Only
+    `models.layers.linear` looks inside; it runs the fused dequant-matmul on CUDA and the torch
+    reference elsewhere."""
+
+    qweight: torch.Tensor  # int8 [N, K] or packed int4 uint8 [N, K / 2]
+    scales: torch.Tensor  # [K / G, N]
+    zeros: torch.Tensor | None = None  # [K / G, N], asymmetric int4 only
+
+
 @dataclass
 class LayerKV:
     """One layer's KV cache: k and v are [B, H_kv, T_max, D_head]."""

@@ -12,11 +12,18 @@ import math
 import torch
 import torch.nn.functional as F
 
-from zeroinf.models.base import Context, LayerKV
+from zeroinf.models.base import Context, LayerKV, QuantWeight
 from zeroinf.models.config import ModelConfig, Rope
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+def linear(
+    x: torch.Tensor, w: torch.Tensor | QuantWeight, b: torch.Tensor | None = None
+) -> torch.Tensor:
+    if isinstance(w, QuantWeight):  # never materialises the float weight on a GPU
+        import kernels
+
+        fn = kernels.qmatmul if x.is_cuda and kernels.HAS_TRITON_GPU else kernels.qmatmul_ref
+        return fn(x.contiguous(), w.qweight, w.scales, w.zeros, b)
     return F.linear(x, w, b)
 
 
