@@ -50,6 +50,8 @@ python setup.py build_ext --inplace" ;;
 print(write_shape('llama-2-7b', torch.float16, '$NVME'))"
       bench ttft 300 --path "$NVME/llama-2-7b-float16" --offload cpu --gpu-memory 8GiB \
         --batch-size 8 --prompt-len 128 --gen-len 2 ;;
+    q30) bench q30 400 --trace --model opt-30b --quantize int4 --quantize-head --offload cpu \
+      --gpu-memory 1.76GiB --prefill-tokens 1024 --batch-size 32 --prompt-len 512 --gen-len 32 ;;
     *) echo "unknown stage $s" >>"$OUT/summary.txt" ;;
   esac
 done

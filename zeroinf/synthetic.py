@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from zeroinf.convert import Quantization
 from zeroinf.format import Checkpoint, Manifest, TensorEntry, UnitEntry, dtype_name, layout
 from zeroinf.tiny import TINY_CONFIGS
 
@@ -60,21 +61,32 @@ def hf_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def synthetic_manifest(config: dict[str, Any], dtype: torch.dtype) -> Manifest:
+def synthetic_manifest(
+    config: dict[str, Any], dtype: torch.dtype, quant: Quantization | None = None
+) -> Manifest:
+    """The manifest zeroinf-convert would write for this config (with `quant`: the same
+    tensors the converter would quantize, stored as its parts)."""
     from zeroinf.models import ModelConfig, get_family
 
     cfg = ModelConfig.from_hf(config)
     shapes = hf_shapes(config)
-    units = []
+    units, quantized = [], []
     for name, table in get_family(cfg.model_type).unit_tensors(cfg):
-        names = list(table.values())
-        offsets, size = layout([(n, dtype, shapes[n]) for n in names])
+        stored: list[tuple[str, torch.dtype, tuple[int, ...]]] = []
+        for n in dict.fromkeys(table.values()):
+            if quant is not None and quant.applies(name, n, shapes[n]):
+                stored += [(f"{n}.{p}", dt, shp) for p, dt, shp in quant.parts(shapes[n])]
+                quantized.append(n)
+            else:
+                stored.append((n, dtype, shapes[n]))
+        offsets, size = layout(stored)
         tensors = tuple(
-            TensorEntry(n, dtype_name(dtype), shapes[n], off, _numel(shapes[n]) * dtype.itemsize)
-            for n, off in zip(names, offsets, strict=True)
+            TensorEntry(n, dtype_name(dt), shp, off, _numel(shp) * dt.itemsize)
+            for (n, dt, shp), off in zip(stored, offsets, strict=True)
         )
         units.append(UnitEntry(name, f"{name}.bin", size, 0, tensors))
-    return Manifest(dtype_name(dtype), config, tuple(units))
+    qblock = quant.to_json(quantized) if quant is not None else None
+    return Manifest(dtype_name(dtype), config, tuple(units), qblock)
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -87,21 +99,33 @@ def _numel(shape: tuple[int, ...]) -> int:
 class SyntheticCheckpoint(Checkpoint):
     """A checkpoint whose unit bytes are generated on demand (seeded, never zeros)."""
 
-    def __init__(self, shape: str, dtype: torch.dtype = torch.float16, seed: int = 0) -> None:
+    def __init__(
+        self,
+        shape: str,
+        dtype: torch.dtype = torch.float16,
+        seed: int = 0,
+        quant: Quantization | None = None,
+    ) -> None:
         self.path = Path(f"<synthetic {shape}>")
-        self.manifest = synthetic_manifest(hf_config(shape), dtype)
+        self.manifest = synthetic_manifest(hf_config(shape), dtype, quant)
         self.seed = seed
         self.fill_device = "cuda" if torch.cuda.is_available() else "cpu"
 
     def read_unit(self, unit: UnitEntry, out: torch.Tensor) -> torch.Tensor:
-        """Fill `out` with the unit's bytes: N(0, 0.02) values in every tensor."""
+        """Fill `out` with the unit's bytes: N(0, 0.02) values in every float tensor (scales:
+        |N(0, 0.002)|), uniform random integers in quantized weights."""
         gen = torch.Generator(device=self.fill_device)
         gen.manual_seed(self.seed * 100_003 + self.manifest.units.index(unit))
-        dtype = torch.empty(0, dtype=_dtype(self.manifest.dtype)).dtype
         for t in unit.tensors:
+            dtype = _dtype(t.dtype)
             n = t.nbytes // dtype.itemsize
-            vals = torch.randn(n, generator=gen, device=self.fill_device, dtype=torch.float32)
-            vals = (vals * 0.02).to(dtype)
+            dev = self.fill_device
+            if dtype.is_floating_point:
+                vals = torch.randn(n, generator=gen, device=dev, dtype=torch.float32)
+                vals = (vals.abs() * 0.002 if t.name.endswith(".scales") else vals * 0.02).to(dtype)
+            else:
+                vals = torch.randint(0, 256, (t.nbytes,), generator=gen, device=dev)
+                vals = vals.to(torch.uint8)
             out[t.offset : t.offset + t.nbytes].copy_(vals.view(torch.uint8))
         return out
 

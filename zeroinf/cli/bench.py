@@ -96,6 +96,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--io-backend", help="reader backend (default: automatic)")
     p.add_argument("--json", help="write every figure to this file")
     p.add_argument("--trace", action="store_true", help="time every copy (CUDA events)")
+    p.add_argument("--quantize", choices=("int4", "int8"), help="a shape's weights quantized")
+    p.add_argument("--group-size", type=int, default=64, help="with --quantize")
+    p.add_argument("--quantize-head", action="store_true", help="with --quantize: the LM head too")
     a = p.parse_args(argv)
     if a.path is None and a.model not in SHAPES:
         p.error(f"--model {a.model!r}: unknown shape; choose from {', '.join(SHAPES)}")
@@ -156,7 +159,12 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
             folder = a.nvme_dir or os.path.join(os.getcwd(), ".zeroinf-bench")
             ckpt = Checkpoint(write_shape(a.model, dtype, folder))
         else:
-            ckpt = SyntheticCheckpoint(a.model, dtype)
+            quant = None
+            if a.quantize:
+                from zeroinf.convert import Quantization
+
+                quant = Quantization(int(a.quantize[3:]), a.group_size, head=a.quantize_head)
+            ckpt = SyntheticCheckpoint(a.model, dtype, quant=quant)
         ckpt_units = [(u.name, u.nbytes) for u in ckpt.units]
         budget = parse_bytes(a.gpu_memory, "--gpu-memory")
         from zeroinf.api import workspace_bytes
@@ -214,6 +222,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     steps = max(1, st.new_tokens - 1)
     res: dict[str, Any] = {
         "model": a.path or a.model, "dtype": a.dtype, "device": str(device),
+        "quantization": ckpt.manifest.quantization and {
+            k: v for k, v in ckpt.manifest.quantization.items() if k != "tensors"},
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "date": time.strftime("%Y-%m-%d"), "offload": a.offload, "prefetch": a.prefetch,
         "batch": a.batch_size, "prompt_len": a.prompt_len, "gen_len": st.new_tokens,

@@ -39,9 +39,11 @@ class ModelCost:
         head = 0
         for u in m.units:
             for t in u.tensors:
-                if len(t.shape) != 2:
+                if len(t.shape) != 2 or t.name.endswith((".scales", ".zeros")):
                     continue
                 n = t.shape[0] * t.shape[1]
+                if t.name.endswith(".qweight") and t.dtype == "uint8":
+                    n *= 2  # two int4 weights per byte
                 if u.name == "head":
                     head = max(head, n)
                 elif u.name != "embed":
