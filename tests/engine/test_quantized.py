@@ -103,3 +103,28 @@ def test_cli_quantize_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert len(err) == 1 and "--group-size 48" in err[0]
     with pytest.raises(ConfigError, match="int8 sym"):
         Quantization(8, 64, "asym")
+
+
+def test_quantized_tied_head(tmp_path: Path) -> None:
+    """OPT ties its head to the embedding: --quantize-head quantizes the head's copy only."""
+    hf = save_tiny_hf(tmp_path / "hf", "opt", seed=9)
+    quant = Quantization(8, group_size=32, head=True)
+    path = convert(tmp_path / "hf", tmp_path / "zi", progress=False, quantize=quant)
+    ckpt = Checkpoint(path)
+    emb = "model.decoder.embed_tokens.weight"
+    assert emb in ckpt.manifest.quantization["tensors"]
+    assert emb in {t.name for t in ckpt.manifest.unit("embed").tensors}  # float for the gather
+    assert f"{emb}.qweight" in {t.name for t in ckpt.manifest.unit("head").tensors}
+    # oracle: transformers with the head (only) set to its dequantized copy: untie it
+    head = ckpt.manifest.unit("head")
+    stored = tensor_views(head, ckpt.read_unit(head, torch.empty(head.nbytes, dtype=torch.uint8)))
+    w = dequantize(stored[f"{emb}.qweight"], stored[f"{emb}.scales"])
+    hf.lm_head.weight = torch.nn.Parameter(w)
+    assert hf.lm_head.weight.data_ptr() != hf.model.decoder.embed_tokens.weight.data_ptr()
+    ids = torch.randint(4, hf.config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = hf.generate(ids, max_new_tokens=6, do_sample=False, min_new_tokens=6,
+                           pad_token_id=0)  # fmt: skip
+    with zeroinf.load(path, device="cpu", gpu_memory=None) as model:
+        got = model.generate(ids, max_new_tokens=6)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

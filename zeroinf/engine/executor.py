@@ -42,7 +42,8 @@ class Executor:
             by_name = {t.name: t for t in u.tensors}
             entries = []
             for key, hf in tables[u.name].items():
-                if hf in quantized:
+                # a tied embedding may be quantized as the head's copy and float in the embed
+                if hf in quantized and f"{hf}.qweight" in by_name:
                     entries.append((key, tuple(by_name[f"{hf}.{p}"] for p in parts)))
                 else:
                     entries.append((key, by_name[hf]))
