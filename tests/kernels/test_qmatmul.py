@@ -1,0 +1,105 @@
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from kernel_testing import DEVICE, DTYPES, REL, close, randn, rel_err
+
+from kernels import QConfig, dequantize, qmatmul, qmatmul_ref, quantize
+from kernels.qmatmul import dequantize_into
+
+SCHEMES = [(4, "sym"), (4, "asym"), (8, "sym")]
+
+
+def make_weight(N: int, K: int, bits: int, scheme: str, G: int, gen: torch.Generator):
+    w = torch.randn(N, K, generator=gen) * (torch.rand(N, 1, generator=gen) + 0.1)
+    return {k: v.to(DEVICE) for k, v in quantize(w, bits, G, scheme).items()}
+
+
+def oracle(x: torch.Tensor, q: dict, bias: torch.Tensor | None) -> torch.Tensor:
+    """float64: x @ dequantize(W).T + bias."""
+    y = x.double() @ dequantize(**q, dtype=torch.float64).T
+    return y if bias is None else y + bias.double()
+
+
+# (M, N, K, G, config): decode-like M with split-K (ragged and empty splits too), several
+# groups per step, prefill-like tiles, N not a multiple of BLOCK_N, M not one of BLOCK_M, the
+# heuristic.
+CASES = [
+    (1, 33, 192, 64, None),
+    (3, 70, 320, 32, QConfig(16, 32, GROUPS=2, SPLIT_K=3)),  # 10 groups: steps 2+2+1
+    (5, 96, 512, 128, QConfig(16, 64, GROUPS=1, SPLIT_K=3)),
+    (2, 40, 256, 32, QConfig(16, 16, GROUPS=2, SPLIT_K=5)),  # 4 steps over 5 splits: one empty
+    (37, 50, 192, 64, QConfig(32, 32)),
+    (70, 24, 256, 64, QConfig(64, 16, GROUPS=2, GROUP_M=2)),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bits,scheme", SCHEMES)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}x{c[1]}x{c[2]}g{c[3]}")
+def test_qmatmul_matches_float64(gen, dtype, bits, scheme, case):
+    M, N, K, G, cfg = case
+    q = make_weight(N, K, bits, scheme, G, gen)
+    x = randn(M, K, gen=gen, dtype=dtype)
+    bias = randn(N, gen=gen, dtype=dtype) if M % 2 else None
+    y = qmatmul(x, **q, bias=bias, config=cfg)
+    assert y.shape == (M, N) and y.dtype == dtype
+    want = oracle(x, q, bias)
+    assert rel_err(y, want) < REL[dtype]
+    # Elementwise, relative to the row's scale: every output element was written and is right.
+    row = want.abs().amax(-1, keepdim=True)
+    assert ((y.double() - want).abs() <= REL[dtype] * 2 * row).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bits,scheme", SCHEMES)
+@pytest.mark.parametrize("path", ["fused", "dequant"])
+def test_prefill_paths(gen, dtype, bits, scheme, path, monkeypatch):
+    """Many rows: the fused kernel with its default (128 x 128) tiles, and dequantize + matmul
+    over several weight slabs (CHUNK_ELEMS shrunk so that N = 300 takes three, one ragged)."""
+    monkeypatch.setattr(sys.modules["kernels.qmatmul"], "CHUNK_ELEMS", 128 * 256)
+    q = make_weight(300, 256, bits, scheme, 64, gen)
+    x = randn(130, 256, gen=gen, dtype=dtype)
+    bias = randn(300, gen=gen, dtype=dtype)
+    y = qmatmul(x, **q, bias=bias, path=path)
+    assert rel_err(y, oracle(x, q, bias)) < REL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bits,scheme", SCHEMES)
+def test_dequantize_into_matches_reference(gen, dtype, bits, scheme):
+    q = make_weight(70, 192, bits, scheme, 64, gen)
+    out = torch.full((30, 192), float("nan"), dtype=dtype, device=DEVICE)  # poisoned
+    z = q["zeros"][:, 20:50] if "zeros" in q else None
+    dequantize_into(out, q["qweight"][20:50], q["scales"][:, 20:50], z)  # a row slice
+    close(out, dequantize(**q, dtype=dtype)[20:50], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_reference_path_agrees(gen, dtype):
+    """qmatmul_ref (the CPU path the models take) gives the same result within rounding."""
+    q = make_weight(48, 256, 4, "asym", 64, gen)
+    x = randn(2, 3, 256, gen=gen, dtype=dtype)  # leading dims are kept
+    y = qmatmul(x, **q)
+    assert y.shape == (2, 3, 48)
+    y_ref = qmatmul_ref(x, **q)
+    assert rel_err(y, y_ref) < 2 * REL[dtype]
+    close(qmatmul(x.float(), **q), qmatmul_ref(x.float(), **q), torch.float32)
+
+
+def test_invalid(gen):
+    q = make_weight(16, 128, 4, "sym", 64, gen)
+    x = randn(2, 128, gen=gen)
+    with pytest.raises(AssertionError, match="last dim"):
+        qmatmul(randn(2, 64, gen=gen), **q)
+    with pytest.raises(AssertionError, match="contiguous"):
+        qmatmul(randn(128, 2, gen=gen).t(), **q)
+    with pytest.raises(AssertionError, match="bias"):
+        qmatmul(x, **q, bias=randn(15, gen=gen))
+    with pytest.raises(AssertionError, match="GROUPS"):
+        qmatmul(x, **q, config=QConfig(16, 16, GROUPS=4))  # 2 groups
+    q16 = {k: v.to(DEVICE) for k, v in quantize(torch.randn(16, 128), 4, 16).items()}
+    with pytest.raises(AssertionError, match="groups of >= 32"):
+        qmatmul(x, **q16)
