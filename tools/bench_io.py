@@ -130,18 +130,10 @@ def run_reader(
 
 
 def run_h2d(nbytes: int = 1 << 30, repeat: int = 5) -> dict[str, Any]:
-    src = aligned_empty(nbytes, pin=True)
-    dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    times = []
-    for _ in range(repeat + 1):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        dst.copy_(src, non_blocking=True)
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-    secs = sorted(times[1:])[repeat // 2]  # median; the first copy warms up
-    return {"bytes": nbytes, "seconds": secs, "gbps": nbytes / secs / GB}
+    from zeroinf.engine.prefetcher import measure_h2d  # the figure the executor plans with
+
+    bps = measure_h2d(torch.device("cuda"), nbytes, repeat)
+    return {"bytes": nbytes, "seconds": nbytes / bps, "gbps": bps / GB}
 
 
 def run_pin(nbytes: int, chunk: int, threads: int) -> dict[str, Any]:
