@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from zeroinf.engine.executor import Executor
 from zeroinf.engine.generate import GenerationConfig, GenerationStats, generate
 from zeroinf.engine.plan import Plan, make_plan
 from zeroinf.engine.prefetcher import Prefetcher, Trace, measure_h2d
+from zeroinf.engine.refill import Request, generate_refill
 from zeroinf.errors import ConfigError, PlanError
 from zeroinf.format import DTYPES, Checkpoint
 from zeroinf.models import ModelConfig, get_family
@@ -130,6 +132,50 @@ class Model:
             prefill_tokens=self.prefill_tokens,
         )
         return out.to(ids.device)
+
+    @torch.inference_mode()
+    def generate_stream(
+        self,
+        prompts: Iterable[list[int] | Request],
+        batch_size: int = 32,
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        eos_token_id: int | list[int] | None = None,
+    ) -> Iterator[tuple[Request, list[int]]]:
+        """Continuous refill (engine/refill.py): up to `batch_size` prompts in flight; when one
+        finishes, the next prompt's prefill joins the running rows' decode in the same weight
+        pass. Yields (request, new token ids) in the order rows finish; a prompt given as a
+        list of ids becomes Request(ids, max_new_tokens, key=its index). Greedy results equal
+        one-prompt-at-a-time generate(); sampled rows use their request's own seed."""
+        if self.prefetcher is None:
+            raise ConfigError("model is closed")
+        if self.group is not None:
+            raise ConfigError("generate_stream: not yet available under torchrun (use generate)")
+        reqs = [
+            p if isinstance(p, Request) else Request(list(p), max_new_tokens, key=i)
+            for i, p in enumerate(prompts)
+        ]
+        longest = max((len(r.ids) + r.max_new_tokens for r in reqs), default=1)
+        if longest > self.config.max_positions:
+            raise ConfigError(
+                f"a prompt + its new tokens ({longest}) exceed the model's "
+                f"{self.config.max_positions} positions"
+            )
+        eos: tuple[int, ...] = ()
+        if eos_token_id is not None:
+            eos = tuple(torch.as_tensor(eos_token_id).flatten().tolist())
+        gc = GenerationConfig(
+            max_new_tokens=1, do_sample=do_sample, temperature=temperature, top_k=top_k,
+            top_p=top_p, eos_token_id=eos, pad_token_id=self._pad_default,
+        )  # fmt: skip
+        cache = min(self.config.max_positions, 2 * longest)  # room to compact rarely
+        self._check_kv_fits(batch_size, cache)
+        yield from generate_refill(
+            self.executor, reqs, gc, batch_size, self._new_kv, self.device, cache
+        )
 
     def _check_kv_fits(self, batch: int, tokens: int) -> None:
         if self.device.type != "cuda":

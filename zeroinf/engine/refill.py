@@ -1,0 +1,151 @@
+"""Continuous refill: when a row finishes, a waiting prompt takes its place, and the new prompt's
+prefill rides in the same weight pass as the other rows' decode tokens (each streamed unit
+crosses PCIe once for both). DeepSpeed-MII calls this Dynamic SplitFuse.
+
+Rows share one cache index per pass: pass p writes every running row's new token at cache index
+t, and a prompt of P tokens admitted in that pass is written at [t - P + 1, t] of its row, so that
+from the next pass on it decodes beside the others. A row's cache entries before its prompt are
+masked out (positions count only a row's own tokens), so a row never sees its predecessor. When
+the write index reaches the cache's end, every row's live window moves left by the oldest live
+start (one copy of the KV cache).
+
+Each pass is one call of the streaming loop with several micro-batches: runs of adjacent decoding
+rows, and one micro-batch per admitted prompt.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from zeroinf.engine.executor import Executor, MicroBatch
+from zeroinf.engine.generate import GenerationConfig, sample
+from zeroinf.errors import ConfigError
+from zeroinf.models.base import LayerKV, build_context
+
+
+@dataclass
+class Request:
+    """One prompt: its ids, how many tokens it may add, and (when sampling) its own seed."""
+
+    ids: list[int]
+    max_new_tokens: int
+    seed: int | None = None
+    key: object = None  # the caller's handle, returned with the result
+
+
+@dataclass
+class _Row:
+    req: Request
+    tokens: list[int] = field(default_factory=list)
+    gen: torch.Generator | None = None
+    prefill: bool = True  # admitted in this pass: the next pass runs its prompt
+
+
+def generate_refill(
+    executor: Executor,
+    requests: Iterable[Request],
+    gc: GenerationConfig,
+    batch_size: int,
+    new_kv: Callable[[int, int], list[LayerKV]],
+    device: torch.device,
+    cache_tokens: int,
+) -> Iterator[tuple[Request, list[int]]]:
+    """Yield (request, new token ids) as rows finish (EOS included when it stopped a row).
+
+    gc: sampling settings shared by all rows (its max_new_tokens and seed are unused: each
+    request carries its own). cache_tokens: KV cache length per row; it must hold the longest
+    prompt plus its new tokens."""
+    waiting = deque(requests)
+    longest = max((len(r.ids) + r.max_new_tokens for r in waiting), default=0)
+    if longest > cache_tokens:
+        raise ConfigError(f"cache_tokens {cache_tokens} < longest prompt + new tokens {longest}")
+    rows: list[_Row | None] = [None] * batch_size
+    kv = new_kv(batch_size, cache_tokens)
+    for c in kv:  # masked keys still meet a zero weight: 0 * NaN from unwritten memory is NaN
+        c.k.zero_()
+        c.v.zero_()
+    mask = torch.zeros(batch_size, cache_tokens, dtype=torch.long, device=device)
+    last = torch.zeros(batch_size, dtype=torch.long, device=device)  # each row's newest token
+    eos = set(gc.eos_token_id)
+    t = -1  # the cache index the next pass writes decode tokens at
+    while waiting or any(rows):
+        for i in range(batch_size):  # admit prompts into free rows
+            if rows[i] is None and waiting:
+                rows[i] = _admit(waiting.popleft(), gc, device)
+        t += 1
+        t = max([t] + [len(r.req.ids) - 1 for r in rows if r is not None and r.prefill])
+        if t >= cache_tokens:
+            t = _compact(rows, mask, kv, t)
+        parts, order = [], []
+        for a, b, prefill in _runs(rows):
+            if prefill:
+                p = len(rows[a].req.ids)  # one row: its prompt ends at index t
+                mask[a, :] = 0
+                mask[a, t - p + 1 : t + 1] = 1
+                ids = torch.tensor([rows[a].req.ids], dtype=torch.long, device=device)
+                ctx = build_context(mask[a:b], t - p + 1, p)
+            else:
+                mask[a:b, t] = 1
+                ids = last[a:b, None]
+                ctx = build_context(mask[a:b], t, 1)
+            parts.append(MicroBatch(ids, ctx, [LayerKV(c.k[a:b], c.v[a:b]) for c in kv]))
+            order += range(a, b)
+        logits = torch.cat(executor.forward(parts))  # [rows in `order`, V]
+        for k, i in enumerate(order):
+            row = rows[i]
+            row.prefill = False
+            tok = int(sample(logits[k : k + 1], gc, [row.gen] if row.gen else None)[0])
+            row.tokens.append(tok)
+            last[i] = tok
+            if tok in eos or len(row.tokens) == row.req.max_new_tokens:
+                yield row.req, row.tokens
+                rows[i] = None
+                mask[i, :] = 0
+
+
+def _admit(req: Request, gc: GenerationConfig, device: torch.device) -> _Row:
+    if not req.ids or req.max_new_tokens < 1:
+        raise ConfigError("a request needs a non-empty prompt and max_new_tokens >= 1")
+    gen = None
+    if gc.do_sample:
+        gen = torch.Generator(device=device)
+        gen.manual_seed(req.seed if req.seed is not None else torch.seed())
+    return _Row(req, gen=gen)
+
+
+def _runs(rows: list[_Row | None]) -> Iterator[tuple[int, int, bool]]:
+    """(start, stop, is_prefill): adjacent decoding rows together, each admitted prompt alone."""
+    i = 0
+    while i < len(rows):
+        if rows[i] is None:
+            i += 1
+        elif rows[i].prefill:
+            yield i, i + 1, True
+            i += 1
+        else:
+            j = i
+            while j < len(rows) and rows[j] is not None and not rows[j].prefill:
+                j += 1
+            yield i, j, False
+            i = j
+
+
+def _compact(rows: list[_Row | None], mask: torch.Tensor, kv: list[LayerKV], t: int) -> int:
+    """Move every row's live window left by the oldest live start; returns the new index t."""
+    live = mask.any(0).nonzero()
+    shift = int(live[0]) if len(live) else t
+    need = max((len(r.req.ids) for r in rows if r is not None and r.prefill), default=1)
+    shift = min(shift, t - need + 1) if any(r is not None and r.prefill for r in rows) else shift
+    if shift <= 0:
+        raise ConfigError("KV cache full: a row outlives cache_tokens")
+    n = mask.shape[1] - shift
+    mask[:, :n] = mask[:, shift:].clone()
+    mask[:, n:] = 0
+    for c in kv:
+        c.k[:, :, :n] = c.k[:, :, shift:].clone()
+        c.v[:, :, :n] = c.v[:, :, shift:].clone()
+    return t - shift
