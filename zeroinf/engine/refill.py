@@ -95,12 +95,13 @@ def generate_refill(
             parts.append(MicroBatch(ids, ctx, [LayerKV(c.k[a:b], c.v[a:b]) for c in kv]))
             order += range(a, b)
         logits = torch.cat(executor.forward(parts))  # [rows in `order`, V]
-        for k, i in enumerate(order):
+        gens = [rows[i].gen for i in order] if gc.do_sample else None  # one per row
+        toks = sample(logits, gc, gens)
+        last[order] = toks
+        for i, tok in zip(order, toks.tolist(), strict=True):  # one host sync per pass
             row = rows[i]
             row.prefill = False
-            tok = int(sample(logits[k : k + 1], gc, [row.gen] if row.gen else None)[0])
             row.tokens.append(tok)
-            last[i] = tok
             if tok in eos or len(row.tokens) == row.req.max_new_tokens:
                 yield row.req, row.tokens
                 rows[i] = None
