@@ -63,7 +63,6 @@ class _Slot:
         self.free.set()
         self.ready_ev = torch.cuda.Event() if cuda else None
         self.free_ev = torch.cuda.Event() if cuda else None
-        self.unit = -1
 
 
 class Prefetcher:
@@ -244,7 +243,6 @@ class Prefetcher:
         else:
             self._fill(j, slot.buf, src, shard, non_blocking=False)
         self.trace("copy_done", j)
-        slot.unit = j
         self._issued += 1
         slot.filled.set()
 
