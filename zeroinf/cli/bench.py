@@ -87,7 +87,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--offload", choices=("cpu", "nvme"), default="cpu")
     p.add_argument("--gpu-memory", default="12GiB", help="device budget for weights")
     p.add_argument("--nvme-dir", help="where --offload nvme writes the shape's unit files")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", default="32", help="one size, or several: 8,16,32 (a sweep)")
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--gen-len", type=int, default=32)
     p.add_argument("--prefetch", type=int, default=2)
@@ -99,10 +99,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quantize", choices=("int4", "int8"), help="a shape's weights quantized")
     p.add_argument("--group-size", type=int, default=64, help="with --quantize")
     p.add_argument("--quantize-head", action="store_true", help="with --quantize: the LM head too")
+    p.add_argument("--plot", help="draw tok/s and the roofline against batch size into this PNG")
     a = p.parse_args(argv)
+    try:
+        a.batch_sizes = [int(b) for b in str(a.batch_size).split(",")]
+    except ValueError:
+        p.error(f"--batch-size {a.batch_size!r}: integers, comma-separated")
+    a.batch_size = max(a.batch_sizes)
+    if a.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            p.error("--plot needs matplotlib (pip install 'zeroinf[plot]')")
     if a.path is None and a.model not in SHAPES:
         p.error(f"--model {a.model!r}: unknown shape; choose from {', '.join(SHAPES)}")
-    if min(a.batch_size, a.prompt_len, a.gen_len, a.prefetch) < 1:
+    if min(*a.batch_sizes, a.prompt_len, a.gen_len, a.prefetch) < 1:
         p.error("--batch-size, --prompt-len, --gen-len and --prefetch must be >= 1")
     return a
 
@@ -135,11 +146,10 @@ def write_shape(shape: str, dtype: torch.dtype, folder: str) -> str:
     return dst
 
 
-def run(a: argparse.Namespace) -> dict[str, Any]:
+def run(a: argparse.Namespace) -> list[dict[str, Any]]:
     import zeroinf
     from zeroinf.api import Model
     from zeroinf.engine.plan import make_plan
-    from zeroinf.engine.roofline import Machine, ModelCost, roofline_seconds
     from zeroinf.format import DTYPES, Checkpoint
     from zeroinf.synthetic import SyntheticCheckpoint
 
@@ -192,9 +202,29 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     else:
         load_s = model.load_s
     print(model.plan, flush=True)
+    results = []
+    for batch in a.batch_sizes:
+        results.append(measure(a, model, ckpt, mach, disk, load_s, batch))
+    model.close()
+    return results
+
+
+def measure(
+    a: argparse.Namespace,
+    model: Any,
+    ckpt: Any,
+    mach: dict[str, float],
+    disk: float | None,
+    load_s: float,
+    batch: int,
+) -> dict[str, Any]:
+    """Warm up, then one timed generate of `batch` rows, beside its roofline."""
+    from zeroinf.engine.roofline import Machine, ModelCost, roofline_seconds
+
+    device = model.device
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(4, vocab, (a.batch_size, a.prompt_len), generator=gen)
+    ids = torch.randint(4, vocab, (batch, a.prompt_len), generator=gen)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model.generate(ids, max_new_tokens=2)  # warm-up: kernels, allocator, cuBLAS handles
@@ -216,9 +246,9 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     machine = Machine(stream_bw, mach["flops"], mach["hbm_bytes_per_s"])
     cost = ModelCost.from_manifest(ckpt.manifest)
     pre_floor, dec_floor = roofline_seconds(
-        cost, plan.streamed_bytes, machine, a.batch_size, a.prompt_len, st.new_tokens
+        cost, plan.streamed_bytes, machine, batch, a.prompt_len, st.new_tokens
     )
-    roof_tps = a.batch_size * st.new_tokens / (pre_floor + dec_floor)
+    roof_tps = batch * st.new_tokens / (pre_floor + dec_floor)
     steps = max(1, st.new_tokens - 1)
     res: dict[str, Any] = {
         "model": a.path or a.model, "dtype": a.dtype, "device": str(device),
@@ -226,7 +256,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
             k: v for k, v in ckpt.manifest.quantization.items() if k != "tensors"},
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "date": time.strftime("%Y-%m-%d"), "offload": a.offload, "prefetch": a.prefetch,
-        "batch": a.batch_size, "prompt_len": a.prompt_len, "gen_len": st.new_tokens,
+        "batch": batch, "prompt_len": a.prompt_len, "gen_len": st.new_tokens,
         "gpu_budget": plan.gpu_budget, "resident_bytes": plan.resident_bytes,
         "streamed_bytes_per_pass": plan.streamed_bytes, "slots": plan.slots,
         "measured": {**mach, "disk_bytes_per_s": disk},
@@ -234,8 +264,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         "first_token_s": load_s + st.prefill_s,
         "checkpoint_bytes": sum(u.nbytes for u in ckpt.units),
         "decode_step_s": st.decode_step_s, "total_s": st.total_s,
-        "prefill_tok_per_s": a.batch_size * a.prompt_len / st.prefill_s,
-        "decode_tok_per_s": a.batch_size * steps / st.decode_s if st.new_tokens > 1 else None,
+        "prefill_tok_per_s": batch * a.prompt_len / st.prefill_s,
+        "decode_tok_per_s": batch * steps / st.decode_s if st.new_tokens > 1 else None,
         "total_tok_per_s": st.tokens_per_s,
         "roofline_prefill_s": pre_floor, "roofline_decode_s": dec_floor,
         "roofline_tok_per_s": roof_tps, "ratio_to_roofline": st.tokens_per_s / roof_tps,
@@ -245,12 +275,29 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         "pinned_host_bytes": model.prefetcher.pinned_bytes,
         "copy_profile": profile,
         "host_pass_s": model.executor.host_pass_s,
-        "kv_bytes": model.kv_bytes(a.batch_size, a.prompt_len + a.gen_len),
+        "kv_bytes": model.kv_bytes(batch, a.prompt_len + a.gen_len),
     }  # fmt: skip
     if device.type == "cuda":
         res["max_memory_allocated"] = torch.cuda.max_memory_allocated(device)
-    model.close()
     return res
+
+
+def plot(results: list[dict[str, Any]], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    b = [r["batch"] for r in results]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(b, [r["roofline_tok_per_s"] for r in results], "k--", label="roofline")
+    ax.plot(b, [r["total_tok_per_s"] for r in results], "o-", label="zeroinf")
+    r0 = results[0]
+    title = f"{r0['model']} {r0['dtype']}, offload {r0['offload']}, {r0['device_name']}"
+    ax.set(xlabel="batch size", ylabel="tokens/s", title=title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def print_table(r: dict[str, Any]) -> None:
@@ -303,14 +350,17 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     try:
         with torch.inference_mode():
-            r = run(a)
+            results = run(a)
     except ZeroInfError as e:
         print(f"zeroinf-bench: error: {e}", file=sys.stderr)
         return 2
-    print_table(r)
+    for r in results:
+        print_table(r)
     if a.json:
         with open(a.json, "w") as f:
-            json.dump(r, f, indent=1)
+            json.dump(results[0] if len(results) == 1 else results, f, indent=1)
+    if a.plot:
+        plot(results, a.plot)
     return 0
 
 
