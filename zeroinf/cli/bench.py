@@ -149,11 +149,15 @@ def write_shape(shape: str, dtype: torch.dtype, folder: str) -> str:
 def run(a: argparse.Namespace) -> list[dict[str, Any]]:
     import zeroinf
     from zeroinf.api import Model
+    from zeroinf.engine.distributed import group_from_env, rank_device
     from zeroinf.engine.plan import make_plan
     from zeroinf.format import DTYPES, Checkpoint
     from zeroinf.synthetic import SyntheticCheckpoint
 
-    device = torch.device(a.device)
+    device = rank_device(torch.device(a.device))  # under torchrun: this rank's GPU
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    group = None if a.path else group_from_env(device)  # zeroinf.load joins it for --path
     dtype = DTYPES[a.dtype]
     if a.path:
         from zeroinf.convert import ensure_converted
@@ -182,7 +186,8 @@ def run(a: argparse.Namespace) -> list[dict[str, Any]]:
 
         ws = workspace_bytes(ModelConfig.from_hf(ckpt.config), dtype.itemsize, a.prefill_tokens)
         ws = ws if device.type == "cuda" else 0
-        plan = make_plan(ckpt_units, budget, a.offload, a.prefetch, str(device), workspace=ws)
+        plan = make_plan(ckpt_units, budget, a.offload, a.prefetch, str(device), workspace=ws,
+                         world=group.world if group else 1)  # fmt: skip
         model = None
     cfg_dict = ckpt.config
     hidden = cfg_dict["hidden_size"]
@@ -197,7 +202,8 @@ def run(a: argparse.Namespace) -> list[dict[str, Any]]:
         if a.offload == "nvme":
             drop_page_cache()
         t = time.perf_counter()
-        model = Model(ckpt, plan, device, io_backend=a.io_backend, prefill_tokens=a.prefill_tokens)
+        model = Model(ckpt, plan, device, io_backend=a.io_backend, prefill_tokens=a.prefill_tokens,
+                      group=group)  # fmt: skip
         load_s = time.perf_counter() - t
     else:
         load_s = model.load_s
@@ -246,7 +252,7 @@ def measure(
     machine = Machine(stream_bw, mach["flops"], mach["hbm_bytes_per_s"])
     cost = ModelCost.from_manifest(ckpt.manifest)
     pre_floor, dec_floor = roofline_seconds(
-        cost, plan.streamed_bytes, machine, batch, a.prompt_len, st.new_tokens
+        cost, plan.rank_streamed_bytes, machine, batch, a.prompt_len, st.new_tokens
     )
     roof_tps = batch * st.new_tokens / (pre_floor + dec_floor)
     steps = max(1, st.new_tokens - 1)
@@ -259,6 +265,8 @@ def measure(
         "batch": batch, "prompt_len": a.prompt_len, "gen_len": st.new_tokens,
         "gpu_budget": plan.gpu_budget, "resident_bytes": plan.resident_bytes,
         "streamed_bytes_per_pass": plan.streamed_bytes, "slots": plan.slots,
+        "ranks": plan.world, "rank": model.group.rank if model.group else 0,
+        "rank_streamed_bytes_per_pass": plan.rank_streamed_bytes,
         "measured": {**mach, "disk_bytes_per_s": disk},
         "load_s": load_s, "prefill_s": st.prefill_s, "decode_s": st.decode_s,
         "first_token_s": load_s + st.prefill_s,
@@ -269,9 +277,9 @@ def measure(
         "total_tok_per_s": st.tokens_per_s,
         "roofline_prefill_s": pre_floor, "roofline_decode_s": dec_floor,
         "roofline_tok_per_s": roof_tps, "ratio_to_roofline": st.tokens_per_s / roof_tps,
-        "decode_step_vs_transfer": st.decode_step_s / (plan.streamed_bytes / stream_bw)
+        "decode_step_vs_transfer": st.decode_step_s / (plan.rank_streamed_bytes / stream_bw)
         if plan.streamed_bytes else None,
-        "achieved_stream_GBps_decode": plan.streamed_bytes * steps / st.decode_s / GB,
+        "achieved_stream_GBps_decode": plan.rank_streamed_bytes * steps / st.decode_s / GB,
         "pinned_host_bytes": model.prefetcher.pinned_bytes,
         "copy_profile": profile,
         "host_pass_s": model.executor.host_pass_s,
@@ -320,7 +328,13 @@ def print_table(r: dict[str, Any]) -> None:
         + f", matmul {m['flops'] / 1e12:.0f} TFLOP/s, HBM {m['hbm_bytes_per_s'] / GB:.0f} GB/s"
     )
     print(
-        f"  streamed per pass {r['streamed_bytes_per_pass'] / GB:.2f} GB, resident "
+        (
+            f"  rank {r['rank']} of {r['ranks']}: copies "
+            f"{r['rank_streamed_bytes_per_pass'] / GB:.2f} GB per pass\n"
+            if r["ranks"] > 1
+            else ""
+        )
+        + f"  streamed per pass {r['streamed_bytes_per_pass'] / GB:.2f} GB, resident "
         f"{r['resident_bytes'] / GB:.2f} GB, KV {r['kv_bytes'] / GB:.2f} GB, "
         f"load {r['load_s']:.1f} s"
     )
@@ -357,7 +371,9 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         print_table(r)
     if a.json:
-        with open(a.json, "w") as f:
+        rank = results[0]["rank"] if results[0]["ranks"] > 1 else None
+        path = a.json if rank is None else f"{a.json}.rank{rank}"
+        with open(path, "w") as f:
             json.dump(results[0] if len(results) == 1 else results, f, indent=1)
     if a.plot:
         plot(results, a.plot)
