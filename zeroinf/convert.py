@@ -120,9 +120,9 @@ def _read_config(src: Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{src}: no config.json (not a Hugging Face model folder)")
     try:
-        config = json.loads(path.read_text())
+        config = json.loads(path.read_bytes())
         assert isinstance(config, dict)
-    except (OSError, ValueError, AssertionError):
+    except (OSError, ValueError, AssertionError, RecursionError):
         raise CheckpointError(f"{path}: not a readable JSON object") from None
     return config
 
@@ -406,6 +406,11 @@ def convert(
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise CheckpointError(
                 f"{dst}: disk full ({e.strerror}) while converting; removed {partial.name}"
+            ) from None
+        if isinstance(e, OSError):  # EFBIG (a file size limit), EIO, EACCES: name DST
+            at = f" on {e.filename}" if e.filename else ""
+            raise CheckpointError(
+                f"{dst}: {e.strerror or e}{at} while converting; removed {partial.name}"
             ) from None
         raise
     finally:

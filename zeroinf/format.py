@@ -125,6 +125,29 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def _is_dtype(x: Any) -> bool:
+    return isinstance(x, str) and x in DTYPES  # (a list or dict would not even hash)
+
+
+# Real manifests are KBs to a few MB; this bounds what opening a hostile one allocates.
+MAX_MANIFEST_BYTES = 64 << 20
+
+
+def _file_problem(f: str) -> str | None:
+    """Why the unit file name `f` cannot name a file inside the checkpoint folder, or None."""
+    if os.path.isabs(f) or ".." in Path(f).parts:
+        return "leaves the folder"
+    if "\x00" in f:
+        return "holds a NUL byte"
+    try:
+        parts = [p.encode() for p in Path(f).parts]
+    except UnicodeEncodeError:
+        return "is not valid Unicode"
+    if not parts or len(f.encode()) > 4095 or any(len(p) > 255 for p in parts):
+        return "is not a usable file name (empty, or a part over 255 bytes)"
+    return None
+
+
 _UNIT_NAME = re.compile(r"embed|layers\.(0|[1-9][0-9]*)|head")
 
 
@@ -153,9 +176,8 @@ def _parse_unit(raw: Any, where: str) -> UnitEntry:
         _expect(ok(raw.get(key)), where, f"unit field {key!r} missing or not {typ}")
     where = f"{where} unit {raw['name']!r}"
     f = raw["file"]
-    _expect(
-        not os.path.isabs(f) and ".." not in Path(f).parts, where, f"file {f!r} leaves the folder"
-    )
+    problem = _file_problem(f)
+    _expect(problem is None, where, f"file {f!r} {problem}")
     _expect(
         raw["nbytes"] > 0 and raw["nbytes"] % ALIGN == 0,
         where,
@@ -169,7 +191,7 @@ def _parse_unit(raw: Any, where: str) -> UnitEntry:
             "tensor entry without a string field 'name'",
         )
         tw = f"{where} tensor {t['name']!r}"
-        _expect(t.get("dtype") in DTYPES, tw, f"dtype {t.get('dtype')!r} not in {sorted(DTYPES)}")
+        _expect(_is_dtype(t.get("dtype")), tw, f"dtype {t.get('dtype')!r} not in {sorted(DTYPES)}")
         shape = t.get("shape")
         _expect(
             isinstance(shape, list) and all(_is_int(s) and s >= 0 for s in shape),
@@ -205,14 +227,14 @@ def parse_manifest(raw: Any, where: str = MANIFEST) -> Manifest:
         raw.get("format") == FORMAT_NAME, where, f"format is {raw.get('format')!r}, not 'zeroinf'"
     )
     _expect(
-        raw.get("version") == FORMAT_VERSION,
+        _is_int(raw.get("version")) and raw["version"] == FORMAT_VERSION,
         where,
         f"version {raw.get('version')!r} is not supported (this zeroinf reads {FORMAT_VERSION})",
     )
     align = raw.get("alignment")
     _expect(_is_int(align) and align == ALIGN, where, f"alignment {align!r} != {ALIGN}")
     _expect(
-        raw.get("dtype") in DTYPES, where, f"dtype {raw.get('dtype')!r} not in {sorted(DTYPES)}"
+        _is_dtype(raw.get("dtype")), where, f"dtype {raw.get('dtype')!r} not in {sorted(DTYPES)}"
     )
     _expect(isinstance(raw.get("config"), dict), where, "config missing")
     _expect(
@@ -241,7 +263,7 @@ def _check_quantization(q: dict[str, Any], units: tuple[UnitEntry, ...], where: 
     g = q.get("group_size")
     _expect(_is_int(g) and g >= 2 and g & (g - 1) == 0, w, f"group_size {g!r}: a power of two")
     _expect(q.get("scheme") in ("sym", "asym"), w, f"scheme {q.get('scheme')!r}")
-    _expect(q.get("scale_dtype") in DTYPES, w, f"scale_dtype {q.get('scale_dtype')!r}")
+    _expect(_is_dtype(q.get("scale_dtype")), w, f"scale_dtype {q.get('scale_dtype')!r}")
     names = q.get("tensors")
     _expect(isinstance(names, list) and all(isinstance(n, str) for n in names), w, "tensors")
     parts = ["qweight", "scales"] + (["zeros"] if q["scheme"] == "asym" else [])
@@ -285,16 +307,28 @@ class Checkpoint:
         if not mpath.is_file():
             raise CheckpointError(f"{mpath}: no manifest (not a zeroinf checkpoint)")
         try:
-            raw = json.loads(mpath.read_text())
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"{mpath}: unreadable manifest ({e})") from None
+            size = mpath.stat().st_size
+            _expect(
+                size <= MAX_MANIFEST_BYTES,
+                str(mpath),
+                f"{size} bytes is over the {MAX_MANIFEST_BYTES} byte limit of a manifest",
+            )
+            raw = json.loads(mpath.read_bytes())
+        except (OSError, ValueError, RecursionError) as e:
+            why = "nested too deeply" if isinstance(e, RecursionError) else e
+            raise CheckpointError(f"{mpath}: unreadable manifest ({why})") from None
         self.manifest = parse_manifest(raw, str(mpath))
         root = self.path.resolve()
         for u in self.manifest.units:
             f = self.unit_path(u)
-            _expect(f.resolve().is_relative_to(root), str(f), "resolves outside the checkpoint")
-            _expect(f.is_file(), str(f), f"unit {u.name!r} file missing")
-            size = f.stat().st_size
+            try:  # resolve() follows symlinks: a link out of the folder is refused here
+                inside = f.resolve().is_relative_to(root)
+                is_file = inside and f.is_file()
+                size = f.stat().st_size if is_file else -1
+            except (OSError, ValueError) as e:
+                raise CheckpointError(f"{f}: unit {u.name!r} file unusable ({e})") from None
+            _expect(inside, str(f), "resolves outside the checkpoint")
+            _expect(is_file, str(f), f"unit {u.name!r} file missing")
             _expect(
                 size == u.nbytes, str(f), f"size {size} != manifest nbytes {u.nbytes} (truncated?)"
             )

@@ -69,19 +69,25 @@ def safetensors_header(path: Path) -> dict[str, SrcTensor]:
     try:
         meta = json.loads(raw)
         assert isinstance(meta, dict)
-    except (ValueError, AssertionError):
+    except (ValueError, AssertionError, RecursionError):
         raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)") from None
     out: dict[str, SrcTensor] = {}
     for name, e in meta.items():
         if name == "__metadata__":
             continue
-        try:
-            dtype, shape = ST_DTYPES[e["dtype"]], tuple(int(s) for s in e["shape"])
-            begin, end = (int(x) for x in e["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(
-                f"{path}: corrupt safetensors entry for tensor {name!r}"
-            ) from None
+        # Strict types: int("12") or int(1.5) would make up a shape the file does not have.
+        ok = (
+            isinstance(e, dict)
+            and isinstance(e.get("dtype"), str)
+            and e["dtype"] in ST_DTYPES
+            and _ints(e.get("shape"))
+            and _ints(e.get("data_offsets"))
+            and len(e["data_offsets"]) == 2
+        )
+        if not ok:
+            raise CheckpointError(f"{path}: corrupt safetensors entry for tensor {name!r}")
+        dtype, shape = ST_DTYPES[e["dtype"]], tuple(e["shape"])
+        begin, end = e["data_offsets"]
         t = SrcTensor(path, dtype, shape, 8 + n + begin)
         if end - begin != t.nbytes or begin < 0:
             raise CheckpointError(f"{path}: tensor {name!r}: data size does not match its shape")
@@ -92,6 +98,23 @@ def safetensors_header(path: Path) -> dict[str, SrcTensor]:
             )
         out[name] = t
     return out
+
+
+def _ints(x: Any) -> bool:
+    """A JSON list of non-negative integers."""
+    return isinstance(x, list) and all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in x
+    )
+
+
+def _inside(folder: Path, name: Any, where: Path) -> Path:
+    """folder/name for a shard named in an index, refusing names that leave the folder. (A
+    shard may be a symlink out of it: the Hugging Face cache links snapshots to its blobs.)"""
+    if not isinstance(name, str) or not name or "\x00" in name or not name.isprintable():
+        raise CheckpointError(f"{where}: shard name {name!r} is not a file name")
+    if os.path.isabs(name) or ".." in Path(name).parts:
+        raise CheckpointError(f"{where}: shard {name!r} leaves the folder")
+    return folder / name
 
 
 def _torch_load(path: Path) -> dict[str, Any]:
@@ -119,12 +142,16 @@ def weight_files(folder: Path) -> tuple[str, list[Path]]:
         ipath = folder / index
         if ipath.is_file():
             try:
-                files = sorted(set(json.loads(ipath.read_text())["weight_map"].values()))
-            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                names = set(json.loads(ipath.read_bytes())["weight_map"].values())
+            except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
                 raise CheckpointError(f"{ipath}: unreadable index (no weight_map)") from None
-            paths = [folder / f for f in files]
+            paths = sorted({_inside(folder, f, ipath) for f in names})
             for p in paths:
-                if not p.is_file():
+                try:
+                    found = p.is_file()
+                except OSError as e:  # a name too long for the filesystem
+                    raise CheckpointError(f"{p}: shard named in {index}: {e.strerror}") from None
+                if not found:
                     raise CheckpointError(f"{p}: shard named in {index} is missing")
             return kind, paths
         if (folder / single).is_file():

@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     except ZeroInfError as e:
         _fail(str(e))
     except KeyboardInterrupt:
-        _fail("interrupted (nothing was left behind)", code=130)
+        _fail("interrupted (no partial output was left behind)", code=130)
     except OSError as e:
         _fail(f"{e.filename or ''}: {e.strerror or e}")
     return 0

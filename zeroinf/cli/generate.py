@@ -149,7 +149,12 @@ def load_tokenizer(*folders: Path) -> Any:
         if not has_files:
             continue
         try:
-            return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+            # Never run code from the model folder: without an explicit False, transformers
+            # asks on stdin whether to run a folder's custom tokenizer code (and a "y" there,
+            # e.g. from `yes |`, would run it).
+            return AutoTokenizer.from_pretrained(
+                str(folder), local_files_only=True, trust_remote_code=False
+            )
         except Exception as e:  # a broken tokenizer is reported, then text records fail alone
             log.warning("%s: cannot load the tokenizer (%s)", folder, " ".join(str(e).split()))
     return None
@@ -211,11 +216,17 @@ def run(a: argparse.Namespace) -> int:
         a.model, device=device, offload=a.offload, gpu_memory=gpu_memory, nvme_dir=a.nvme_dir,
         prefetch=a.prefetch, dtype=a.dtype, progress=not a.quiet,
     )  # fmt: skip
+    summary = None
     try:
         folders = [Path(a.model), model.checkpoint.path]
         summary = run_job(cfg, model, tok, eos_ids(folders, tok))
     finally:
-        model.close()
+        try:
+            model.close()
+        except KeyboardInterrupt as e:  # the job is over: report it, with the interrupt's code
+            if summary is None:
+                raise
+            summary.interrupted = summary.interrupted or getattr(e, "code", 130)
     print(f"{PROG}: {summary.line(cfg.output, ranks)}", flush=True)
     return summary.interrupted
 
@@ -234,9 +245,10 @@ def main(argv: list[str] | None = None) -> int:
         return run(a)
     except ZeroInfError as e:
         _fail(str(e))
-    except KeyboardInterrupt as e:  # before the job loop started: nothing was written
+    except KeyboardInterrupt as e:  # outside the job loop (loading): no write was under way
         code = getattr(e, "code", 130)
-        print(f"{PROG}: interrupted before any record was written", file=sys.stderr)
+        print(f"{PROG}: interrupted; records already written are kept: rerun the same command "
+              "to resume", file=sys.stderr)  # fmt: skip
         return code
     except OSError as e:
         _fail(f"{e.filename or ''}: {e.strerror or e}")

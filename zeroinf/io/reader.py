@@ -29,6 +29,7 @@ logger = logging.getLogger("zeroinf")
 
 BACKENDS = ("native", "libaio", "threadpool")  # the automatic choice tries them in this order
 ENV_BACKEND = "ZEROINF_IO_BACKEND"
+ENV_FAULTS = "ZEROINF_IO_FAULTS"  # see zeroinf/io/faults.py
 _announced: set[tuple[Any, ...]] = set()  # the backend choice is logged once per process
 
 
@@ -238,6 +239,11 @@ def open_reader(
         raise ConfigError(
             f"io backend {wanted!r} (from {source}) is not one of auto, {', '.join(BACKENDS)}"
         )
+    faults = None
+    if os.environ.get(ENV_FAULTS):  # fault injection for soak tests (zeroinf/io/faults.py)
+        from zeroinf.io.faults import RandomFaults
+
+        faults = RandomFaults.parse(os.environ[ENV_FAULTS])
     skipped: list[str] = []
     for name in BACKENDS if wanted == "auto" else (wanted,):
         try:
@@ -248,7 +254,13 @@ def open_reader(
             skipped.append(f"{name}: {e}")
             continue
         _announce(name, source, skipped, queue_depth, block_size)
-        return Reader(impl, queue_depth, block_size)
+        reader = Reader(impl, queue_depth, block_size)
+        if faults is not None:
+            from zeroinf.io.faults import FaultyReader
+
+            logger.warning("%s=%s: injecting read faults (testing only)", ENV_FAULTS, faults)
+            return FaultyReader(reader, random_faults=faults)  # type: ignore[return-value]
+        return reader
     raise AssertionError("the threadpool backend always works")
 
 

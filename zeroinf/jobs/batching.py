@@ -4,11 +4,16 @@ places of finished rows inside the executor) is meant to be another."""
 
 from __future__ import annotations
 
+import json
+import logging
+import sys
 from collections.abc import Callable, Container, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from zeroinf.jobs.records import Key, Request, Sampling
+from zeroinf.jobs.records import JobError, Key, Request, Sampling
+
+log = logging.getLogger("zeroinf")
 
 # One finished row: the request and its raw new tokens (at least its max_new_tokens unless it
 # stopped at an end-of-sequence token; anything after that is padding).
@@ -63,13 +68,24 @@ def plan_batches(
     return batches
 
 
+def out_of_memory(e: BaseException) -> bool:
+    """A device allocation failed (torch.OutOfMemoryError); torch is imported by the caller."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(e, torch.cuda.OutOfMemoryError)
+
+
 @dataclass
 class StaticBatcher:
-    """Fixed batches: a batch runs until its last row is done, then the next one starts."""
+    """Fixed batches: a batch runs until its last row is done, then the next one starts.
+
+    A batch that runs out of device memory runs again in halves (and halves again while they
+    do); the smaller size then holds for the rest of the job. The batches themselves stay those
+    of plan_batches, so which rows share a batch, and so every output, is unchanged."""
 
     generate: GenerateFn
     batch_size: int
     max_positions: int
+    max_rows: int | None = None  # rows per generate call, once a batch ran out of memory
 
     def _todo(self, requests: Sequence[Request], done: Container[Key]) -> list[list[Request]]:
         batches = plan_batches(requests, self.batch_size, self.max_positions)
@@ -82,5 +98,45 @@ class StaticBatcher:
         for batch in self._todo(requests, done):
             # A batch that a crash left half-written runs whole again, so that its rows see the
             # same batch-mates as in an uninterrupted run; only its missing rows are yielded.
-            new = self.generate(batch)
+            new = self._generate(batch)
             yield [(r, t) for r, t in zip(batch, new, strict=True) if r.key not in done]
+
+    def _generate(self, batch: list[Request]) -> list[list[int]]:
+        """New tokens for `batch`, in pieces of at most max_rows rows."""
+        out: list[list[int]] = []
+        while len(out) < len(batch):
+            piece = batch[len(out) : len(out) + (self.max_rows or len(batch))]
+            try:
+                out.extend(self.generate(piece))
+            except Exception as e:
+                if not out_of_memory(e):
+                    raise
+                if len(piece) == 1:
+                    raise JobError(
+                        f"record {_id(piece[0])} (line {piece[0].line}): one row alone runs out "
+                        f"of device memory ({_first_line(e)}); lower --gpu-memory or --prefetch"
+                    ) from None
+                self.max_rows = len(piece) // 2
+                log.warning(
+                    "a batch of %d rows ran out of device memory: halving it to %d rows and "
+                    "going on (lower --batch-size to skip this retry)",
+                    len(piece),
+                    self.max_rows,
+                )
+                _free_device_cache()
+        return out
+
+
+def _id(r: Request) -> str:
+    return json.dumps(r.id)
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+
+
+def _free_device_cache() -> None:
+    """Hand the failed attempt's cached blocks back, so the halves start from a clean pool."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -25,11 +25,15 @@ def output_key(obj: dict[str, Any]) -> Key:
 
 
 def _valid(line: bytes) -> dict[str, Any] | None:
+    """A results line, or None for anything else (garbage, a torn write, a foreign line)."""
     try:
         obj = json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    if not isinstance(obj, dict) or "id" not in obj or ("text" not in obj and "error" not in obj):
+        if not isinstance(obj, dict) or "id" not in obj:
+            return None
+        if "text" not in obj and "error" not in obj:
+            return None
+        output_key(obj)  # a line whose key cannot be formed is not one of ours
+    except (ValueError, TypeError, RecursionError):  # JSON/UTF-8 errors, numbers, deep nesting
         return None
     return obj
 
@@ -101,18 +105,29 @@ class ResultWriter:
 
     def write(self, lines: list[dict[str, Any]]) -> None:
         """One batch: one write of all its lines, then fsync. Keys already present are dropped
-        (nothing is ever duplicated)."""
+        (nothing is ever duplicated). A failed write or fsync (a full disk) cuts the batch off
+        again and raises JobError: the file ends with the last batch that went down whole."""
         new = [o for o in lines if output_key(o) not in self.keys]
         if not new:
             return
         data = b"".join(json.dumps(o, ensure_ascii=False).encode() + b"\n" for o in new)
         view = memoryview(data)
-        os.lseek(self.fd, self.size, os.SEEK_SET)
-        while view:
-            view = view[os.write(self.fd, view) :]
+        try:
+            os.lseek(self.fd, self.size, os.SEEK_SET)
+            while view:
+                view = view[os.write(self.fd, view) :]
+            os.fsync(self.fd)
+        except OSError as e:
+            try:
+                os.ftruncate(self.fd, self.size)  # shrinking needs no space
+            except OSError:
+                pass  # the next open cuts the torn tail off instead
+            raise JobError(
+                f"--output {self.path}: {e.strerror or e} while writing {len(new)} record(s); "
+                "every record before them is kept: free space and rerun to resume"
+            ) from None
         self.size += len(data)
         self.keys.update(output_key(o) for o in new)
-        os.fsync(self.fd)
 
     def close(self) -> None:
         if self.fd < 0:

@@ -156,11 +156,21 @@ def parse_line(text: str, index: int, line: int) -> Parsed:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         return BadRecord(index, line, None, f"{where}: not valid JSON ({e.msg})", by_line=True)
+    except (ValueError, RecursionError) as e:  # a number past Python's 4300 digits, deep nesting
+        why = "nested too deeply" if isinstance(e, RecursionError) else str(e).split(":")[0]
+        return BadRecord(index, line, None, f"{where}: not valid JSON ({why})", by_line=True)
+    problem = _unwritable(obj)
+    if problem:  # the line could not be written back (as meta, id or error line): refuse it
+        return BadRecord(index, line, None, f"{where}: {problem}", by_line=True)
     if not isinstance(obj, dict):
         return BadRecord(index, line, None, f"{where}: not a JSON object", by_line=True)
     rid = obj.get("id")
     if isinstance(rid, bool) or not isinstance(rid, str | int) or rid == "":
-        what = "missing" if "id" not in obj else f"{json.dumps(rid)} is not a string or integer"
+        what = (
+            "missing"
+            if "id" not in obj
+            else f"{_short(json.dumps(rid))} is not a string or integer"
+        )
         return BadRecord(index, line, rid, f'{where}: "id" {what}', by_line=True)
 
     def bad(msg: str) -> BadRecord:
@@ -168,7 +178,7 @@ def parse_line(text: str, index: int, line: int) -> Parsed:
 
     unknown = [k for k in obj if k not in FIELDS]
     if unknown:
-        return bad(f"unknown field {unknown[0]!r} (fields: {', '.join(FIELDS)})")
+        return bad(f"unknown field {_short(repr(unknown[0]))} (fields: {', '.join(FIELDS)})")
     kinds = [k for k in CONTENT_FIELDS if k in obj]
     if len(kinds) != 1:
         return bad('needs exactly one of "prompt", "messages", "input_ids"')
@@ -206,7 +216,41 @@ def _is_int(v: Any) -> bool:
 
 
 def _is_num(v: Any) -> bool:
-    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+    try:  # an integer past the float range (1e400 written out) is not a usable number
+        return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+    except OverflowError:
+        return False
+
+
+MAX_DEPTH = 64  # JSON nesting a record may have (messages and meta need a handful)
+
+
+def _short(text: str, limit: int = 60) -> str:
+    """`text` cut to `limit` characters, for a one-line message."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _unwritable(obj: Any) -> str | None:
+    """Why a parsed line could not be written back as JSON (UTF-8), or None: nesting deeper than
+    MAX_DEPTH (json would hit the recursion limit writing it) or a string holding a lone
+    surrogate escape such as "\\ud800" (not Unicode: it has no UTF-8 encoding)."""
+    stack = [(obj, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return f"nested deeper than {MAX_DEPTH} levels"
+        if isinstance(v, dict):
+            stack.extend((k, depth) for k in v)
+            stack.extend((x, depth + 1) for x in v.values())
+        elif isinstance(v, list):
+            stack.extend((x, depth + 1) for x in v)
+        elif isinstance(v, str):
+            try:
+                v.encode()
+            except UnicodeEncodeError as e:
+                bad = e.object[e.start : e.end].encode("unicode_escape").decode()
+                return f"text holds {bad}, a lone surrogate escape (not valid Unicode)"
+    return None
 
 
 def _check_options(o: dict[str, Any]) -> str | None:
@@ -309,9 +353,12 @@ def prepare(
                 )
             except Exception as e:  # a template raising on this record's messages
                 return bad(f"chat template failed: {' '.join(str(e).split())}")
-            ids = tuple(tok(text, add_special_tokens=False)["input_ids"])
         else:
-            ids = tuple(tok(raw.prompt, add_special_tokens=True)["input_ids"])
+            text = raw.prompt
+        try:  # a tokenizer raising on one record's text fails that record alone
+            ids = tuple(tok(text, add_special_tokens=msgs is None)["input_ids"])
+        except Exception as e:
+            return bad(f"tokenizer failed: {' '.join(str(e).split())[:200]}")
         if not ids:
             return bad("empty prompt (0 tokens)")
     o = raw.options
