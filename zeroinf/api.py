@@ -206,6 +206,7 @@ class Model:
     def close(self) -> None:
         if self.prefetcher is not None:
             self.finish()
+            self.executor.release_views()  # the cached views would keep the buffers alive
             self.prefetcher.close()
             self.prefetcher = None
             if self.device.type == "cuda":
@@ -300,9 +301,26 @@ def load(
             f"cpu_memory {fmt_bytes(cpu_budget)} cannot hold the {fmt_bytes(plan.streamed_bytes)} "
             "of streamed units; raise cpu_memory, gpu_memory, or use offload='nvme'"
         )
+    _check_host_memory(plan, device)
     log.info("%s", plan)
     return Model(ckpt, plan, device, io_backend=io_backend, trace=trace, group=group,
                  prefill_tokens=prefill_tokens)  # fmt: skip
+
+
+def _check_host_memory(plan: Plan, device: torch.device) -> None:
+    """Host bytes the plan will allocate (the CPU tier; every unit when the device is the CPU)
+    must fit in the memory the host has available, before anything is allocated."""
+    import psutil
+
+    need = plan.rank_streamed_bytes if plan.offload == "cpu" else 0
+    if device.type == "cpu":
+        need += plan.resident_bytes
+    have = psutil.virtual_memory().available
+    if need > have:
+        raise PlanError(
+            f"host memory: the plan keeps {fmt_bytes(need)} in host memory but only "
+            f"{fmt_bytes(have)} is available; use offload='nvme' or a smaller model"
+        )
 
 
 def workspace_bytes(cfg: ModelConfig, itemsize: int, tokens: int) -> int:

@@ -64,13 +64,6 @@ def test_hostile_records_get_error_lines_and_the_job_goes_on(
     record_cases("hostile JSONL records through a job", n)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="engine defect (zeroinf/engine/generate.py sample): logits / temperature overflows "
-    "float32 for a tiny temperature (1e-40 > 0 is valid), softmax gives NaN and "
-    "torch.multinomial raises; the job dies on that record at every rerun (a poison record)",
-)
 def test_tiny_temperature_is_not_a_poison_record(
     ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -148,17 +148,10 @@ def test_fault_during_nvme_generation(
     with pytest.raises(ZeroInfError):  # and again: the model stays failed, it does not hang
         generate(model)
     bounded(model.close)
-    del model  # (close() alone keeps resident buffers while the object lives: xfail below)
+    del model
     record_cases(f"reader {kind} during NVMe generation", 1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine defect (zeroinf/engine/executor.py): a read error in acquire(j) for j > 0 "
-    "leaves the prefetcher's cyclic position mid-pass (forward only drains the pass when the "
-    "compute fails), so the next generate reports 'prefetcher: unit 0 requested, but 3 is "
-    "next in order' instead of the read error",
-)
 def test_later_calls_repeat_the_read_error(ckpt: Path, faulty: Callable[..., Any]) -> None:
     path, nbytes = unit_file(ckpt, 3)
     faulty(fail_at={(path, 8192): errno.EIO})
@@ -174,12 +167,6 @@ def test_later_calls_repeat_the_read_error(ckpt: Path, faulty: Callable[..., Any
         del model
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine defect (zeroinf/engine/executor.py, zeroinf/api.py Model.close): close() "
-    "keeps the executor's cached tensor views, so resident unit buffers (host memory here, "
-    "GPU memory on a device) stay allocated until the Model object itself is collected",
-)
 @pytest.mark.parametrize("offload", ["cpu", "nvme"])
 def test_close_frees_buffers_while_the_model_object_lives(ckpt: Path, offload: str) -> None:
     before = host_buffers()

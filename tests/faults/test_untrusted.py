@@ -247,15 +247,6 @@ def test_a_real_10tb_unit_is_refused_by_the_plan(
     record_cases("a real (sparse) 10 TB unit", 1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=(OSError, MemoryError, AssertionError),
-    reason="api/plan defect (zeroinf/api.py, zeroinf/engine/plan.py): with device='cpu' and "
-    "gpu_memory=None every unit is 'resident' in host memory, and nothing compares that to "
-    "the host's memory before allocating: a 10 TiB unit fails in mmap (ENOMEM) instead of a "
-    "PlanError with the numbers (and a model slightly larger than free RAM is allocated, then "
-    "killed by the OOM killer while reading)",
-)
 def test_a_real_10tb_unit_resident_on_the_cpu_is_refused_by_the_plan(
     ten_tb: Path, allocations: list
 ) -> None:
@@ -504,13 +495,6 @@ def test_source_tensor_dtype_outside_the_list(
 # ---- what the manifest says must fit the model family (engine-owned checks) ----
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=KeyError,
-    reason="engine defect (zeroinf/engine/executor.py): a manifest that lacks a tensor the "
-    "family needs raises KeyError from Executor.__init__ instead of a CheckpointError naming "
-    "the unit and tensor",
-)
 def test_manifest_missing_a_tensor_is_named(copy: Path) -> None:
     name = "model.layers.1.mlp.up_proj.weight"
     edit_manifest(

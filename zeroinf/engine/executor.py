@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from zeroinf.engine.prefetcher import Prefetcher
+from zeroinf.errors import CheckpointError
 from zeroinf.format import DTYPES, TensorEntry, UnitEntry
 from zeroinf.models.base import Context, LayerKV, QuantWeight
 
@@ -40,6 +41,12 @@ class Executor:
         self._layout: list[list[tuple[str, Any]]] = []
         for u in units:
             by_name = {t.name: t for t in u.tensors}
+            for hf in tables[u.name].values():
+                if hf not in by_name and f"{hf}.qweight" not in by_name:
+                    raise CheckpointError(
+                        f"{prefetcher.ckpt.path}: unit {u.name!r} has no tensor {hf!r}, which "
+                        f"the {cfg.model_type} model needs"
+                    )
             entries = []
             for key, hf in tables[u.name].items():
                 # a tied embedding may be quantized as the head's copy and float in the embed
@@ -90,6 +97,9 @@ class Executor:
             self.prefetcher.release(j)
         self.host_pass_s = time.perf_counter() - t0  # host time to issue the pass (tracing)
         return xs
+
+    def release_views(self) -> None:
+        self._views.clear()
 
     def skip_pass(self) -> None:
         """A forward pass that computes nothing: the units still stream (and, with ranks, join

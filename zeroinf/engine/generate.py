@@ -64,7 +64,8 @@ def sample(
     (so that a row's tokens do not depend on which other rows share its batch)."""
     if not gc.do_sample:
         return logits.argmax(-1)
-    logits = logits / gc.temperature
+    # subtract the maximum first: a tiny temperature then sends the others to -inf, never NaN
+    logits = (logits - logits.amax(-1, keepdim=True)) / gc.temperature
     if gc.top_k > 0:
         kth = logits.topk(min(gc.top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # [B, 1]
         logits = logits.masked_fill(logits < kth, float("-inf"))

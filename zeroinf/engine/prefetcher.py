@@ -326,6 +326,8 @@ class Prefetcher:
     def acquire(self, j: int) -> torch.Tensor:
         """Unit j's bytes on the device (uint8, >= unit nbytes). Compute may be issued at once:
         on CUDA the current stream waits for the copy on the device."""
+        if self._error is not None:  # a failed read leaves the cyclic order mid-pass: say so
+            raise self._failure()
         if j in self.resident:
             return self.resident[j]
         expect = self.streamed[self._next % len(self.streamed)]
