@@ -134,14 +134,16 @@ def oracle(model: Any, tok: Any) -> dict[Any, dict]:
     return expected(model, tok)
 
 
-@pytest.mark.parametrize("batch", ["3", "1"])
+@pytest.mark.parametrize("batch,refill", [("3", False), ("1", False), ("3", True)])
 def test_results_equal_the_python_api(ckpt: Path, oracle: dict, tmp_path: Path, batch: str,
+                                      refill: bool,
                                       capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
     inp = write_jsonl(tmp_path / "in.jsonl", RECORDS)
     out = tmp_path / "out.jsonl"
     code, stdout, err = run_cli(capsys, "--model", ckpt, "--input", inp, "--output", out,
                                 "--device", "cpu", "--gpu-memory", streaming_budget(ckpt),
-                                "--batch-size", batch, *ARGS)  # fmt: skip
+                                "--batch-size", batch, *ARGS,
+                                *(["--refill"] if refill else []))  # fmt: skip
     assert code == 0, err
     assert read_results(out) == oracle  # the error lines too: the job went on past them
     summary = stdout.strip().splitlines()[-1]

@@ -100,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="render 'prompt' records through the tokenizer's chat template as one "
                    "user message ('messages' records always are)")  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bar, a log line per batch")
+    p.add_argument(
+        "--refill",
+        action="store_true",
+        help="continuous refill: a finished row's place goes to the next record, whose prefill "
+        "shares the weight pass with the other rows' decode (single process only for now)",
+    )
     return p
 
 
@@ -204,6 +210,8 @@ def run(a: argparse.Namespace) -> int:
         seed=a.seed, stop=tuple(a.stop), chat=a.chat,
     )  # fmt: skip
     cfg = JobConfig(Path(a.input), Path(a.output), defaults, batch, not a.quiet, ranks)
+    if a.refill and ranks.world > 1:
+        _fail("--refill runs in a single process for now (drop it under torchrun)")
     tok = load_tokenizer(Path(a.model))
     if tok is None and (a.chat or a.stop):
         _fail(f"--model {a.model}: no tokenizer files, so --chat and --stop cannot work")
@@ -219,7 +227,13 @@ def run(a: argparse.Namespace) -> int:
     summary = None
     try:
         folders = [Path(a.model), model.checkpoint.path]
-        summary = run_job(cfg, model, tok, eos_ids(folders, tok))
+        eos = eos_ids(folders, tok)
+        scheduler = None
+        if a.refill:
+            from zeroinf.jobs.refill import RefillScheduler
+
+            scheduler = RefillScheduler(model, batch, eos)
+        summary = run_job(cfg, model, tok, eos, scheduler)
     finally:
         try:
             model.close()
