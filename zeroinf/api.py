@@ -110,9 +110,7 @@ class Model:
                 f"prompt length {ids.shape[1]} + max_new_tokens {max_new_tokens} = {total} "
                 f"exceeds the model's {self.config.max_positions} positions"
             )
-        eos = (
-            () if eos_token_id is None else tuple(torch.as_tensor(eos_token_id).flatten().tolist())
-        )
+        eos = _eos_ids(eos_token_id)
         gc = GenerationConfig(
             max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
             top_k=top_k, top_p=top_p, eos_token_id=eos,
@@ -164,9 +162,7 @@ class Model:
                 f"a prompt + its new tokens ({longest}) exceed the model's "
                 f"{self.config.max_positions} positions"
             )
-        eos: tuple[int, ...] = ()
-        if eos_token_id is not None:
-            eos = tuple(torch.as_tensor(eos_token_id).flatten().tolist())
+        eos = _eos_ids(eos_token_id)
         gc = GenerationConfig(
             max_new_tokens=1, do_sample=do_sample, temperature=temperature, top_k=top_k,
             top_p=top_p, eos_token_id=eos, pad_token_id=self._pad_default,
@@ -223,6 +219,13 @@ class Model:
             self.close()
         except Exception:
             pass
+
+
+def _eos_ids(eos_token_id: int | list[int] | None) -> tuple[int, ...]:
+    """None: no end-of-sequence token (generate exactly max_new_tokens); an id or a list."""
+    if eos_token_id is None:
+        return ()
+    return tuple(torch.as_tensor(eos_token_id).flatten().tolist())
 
 
 def _pad_token(config: dict[str, Any], gen_cfg: Path) -> int:
