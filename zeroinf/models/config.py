@@ -151,15 +151,36 @@ class ModelConfig:
 
 
 def _get(c: dict[str, Any], key: str, default: Any) -> Any:
-    """c[key], or the transformers default when the key is missing or null."""
+    """c[key], or the transformers default when the key is missing or null; a value of another
+    type than the default's (a number given as a string, say) is a ConfigError naming the key."""
     value = c.get(key)
-    return default if value is None else value
+    if value is None:
+        return default
+    _check_type(key, value, default)
+    return value
 
 
 def _req(c: dict[str, Any], key: str) -> Any:
+    """A required size: a positive integer."""
     if c.get(key) is None:
         raise ConfigError(f"{key}: missing from config")
+    _check_type(key, c[key], 1)
     return c[key]
+
+
+def _check_type(key: str, value: Any, like: Any) -> None:
+    if isinstance(like, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(like, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(like, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif isinstance(like, str):
+        ok = isinstance(value, str)
+    else:
+        return  # dicts, lists, None defaults: checked where they are read
+    if not ok:
+        raise ConfigError(f"{key}: {value!r} is not a {type(like).__name__}")
 
 
 def _act(c: dict[str, Any], key: str, default: str) -> str:
