@@ -58,7 +58,14 @@ def hf_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     cfg = transformers.AutoConfig.for_model(**config)
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(cfg)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    state = model.state_dict()
+    try:  # transformers 5 fuses some weights in memory (Mixtral's experts): the names on disk
+        from transformers.core_model_loading import revert_weight_conversion
+
+        state = revert_weight_conversion(model, state)
+    except ImportError:  # transformers 4: memory and disk names are the same
+        pass
+    return {k: tuple(v.shape) for k, v in state.items()}
 
 
 def synthetic_manifest(
