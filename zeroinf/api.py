@@ -18,7 +18,7 @@ from zeroinf.engine.generate import GenerationConfig, GenerationStats, generate
 from zeroinf.engine.plan import Plan, make_plan
 from zeroinf.engine.prefetcher import Prefetcher, Trace, measure_h2d
 from zeroinf.engine.refill import Request, generate_refill
-from zeroinf.errors import ConfigError, PlanError
+from zeroinf.errors import CheckpointError, ConfigError, PlanError
 from zeroinf.format import DTYPES, Checkpoint
 from zeroinf.models import ModelConfig, get_family
 from zeroinf.models.base import LayerKV
@@ -280,6 +280,7 @@ def load(
             f"dtype={dtype_name}: checkpoint {ckpt_path} holds {ckpt.manifest.dtype}; "
             f"convert it with `zeroinf-convert SRC DST --dtype {dtype_name}`"
         )
+    _check_shapes(ckpt)
     budget = parse_bytes(gpu_memory, "gpu_memory")
     if budget is None:
         budget = sum(u.nbytes for u in ckpt.units)  # everything resident
@@ -308,6 +309,27 @@ def load(
     log.info("%s", plan)
     return Model(ckpt, plan, device, io_backend=io_backend, trace=trace, group=group,
                  prefill_tokens=prefill_tokens)  # fmt: skip
+
+
+def _check_shapes(ckpt: Checkpoint) -> None:
+    """Every stored tensor has the shape its config implies (transformers' own model, built on
+    the meta device, says which): a manifest is untrusted input, and a weight reshaped to the
+    same byte count would otherwise fail deep inside the first matmul."""
+    from zeroinf.synthetic import hf_shapes
+
+    try:
+        shapes = hf_shapes(ckpt.config)
+    except Exception as e:  # a config transformers cannot build: ModelConfig accepted it
+        log.warning("%s: tensor shapes not checked (transformers: %s)", ckpt.path, e)
+        return
+    for u in ckpt.units:
+        for t in u.tensors:
+            want = shapes.get(t.name)
+            if want is not None and tuple(t.shape) != want:
+                raise CheckpointError(
+                    f"{ckpt.path}: tensor {t.name!r} (unit {u.name!r}) has shape "
+                    f"{list(t.shape)}, but the config implies {list(want)}"
+                )
 
 
 def _check_host_memory(plan: Plan, device: torch.device) -> None:

@@ -507,13 +507,6 @@ def test_manifest_missing_a_tensor_is_named(copy: Path) -> None:
         zeroinf.load(copy, device="cpu", gpu_memory=None, progress=False)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="engine defect (zeroinf/engine/executor.py, zeroinf/models): tensor shapes in the "
-    "manifest are not checked against the config at load; a reshaped weight of the same size "
-    "loads and fails in the first matmul ('mat1 and mat2 shapes cannot be multiplied')",
-)
 def test_manifest_tensor_of_the_wrong_shape_is_named(copy: Path) -> None:
     name = "model.layers.1.self_attn.q_proj.weight"
 
