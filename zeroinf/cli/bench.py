@@ -120,6 +120,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def write_shape(shape: str, dtype: torch.dtype, folder: str) -> str:
     """Unit files of a random shape, for the NVMe tier (reused when present)."""
+    import dataclasses
+    import zlib
+
     from zeroinf.format import Checkpoint, write_manifest
     from zeroinf.synthetic import SyntheticCheckpoint
 
@@ -129,17 +132,12 @@ def write_shape(shape: str, dtype: torch.dtype, folder: str) -> str:
     syn = SyntheticCheckpoint(shape, dtype)
     os.makedirs(dst + ".partial", exist_ok=True)
     buf = torch.empty(max(u.nbytes for u in syn.units), dtype=torch.uint8)
-    for u in syn.units:
-        syn.read_unit(u, buf[: u.nbytes])
-        with open(os.path.join(dst + ".partial", u.file), "wb") as f:
-            f.write(buf[: u.nbytes].numpy().tobytes())
-    import dataclasses
-    import zlib
-
     units = []
     for u in syn.units:
-        data = open(os.path.join(dst + ".partial", u.file), "rb").read()
-        units.append(dataclasses.replace(u, crc32=zlib.crc32(data)))
+        data = syn.read_unit(u, buf[: u.nbytes]).numpy()
+        with open(os.path.join(dst + ".partial", u.file), "wb") as f:
+            f.write(data)
+        units.append(dataclasses.replace(u, crc32=zlib.crc32(data)))  # from the written bytes
     write_manifest(dst + ".partial", dataclasses.replace(syn.manifest, units=tuple(units)))
     os.replace(dst + ".partial", dst)
     Checkpoint(dst)
