@@ -15,6 +15,7 @@ import torch.distributed
 from zeroinf.engine.distributed import RankGroup, group_from_env, rank_device
 from zeroinf.engine.executor import Executor
 from zeroinf.engine.generate import GenerationConfig, GenerationStats, generate
+from zeroinf.engine.kvcache import check_kv_dtype, kv_token_bytes, new_kv_cache
 from zeroinf.engine.plan import Plan, make_plan
 from zeroinf.engine.prefetcher import Prefetcher, Trace, measure_h2d
 from zeroinf.engine.refill import Request, generate_refill
@@ -39,9 +40,12 @@ class Model:
         trace: Trace | None = None,
         group: RankGroup | None = None,
         prefill_tokens: int = 2048,
+        kv_dtype: str | None = None,
     ) -> None:
         self.checkpoint, self.plan, self.device, self.group = ckpt, plan, device, group
         self.prefill_tokens = prefill_tokens
+        self.kv_dtype = check_kv_dtype(kv_dtype)
+        self.micro_batch: int | None = None  # decode rows per micro-batch (None: all at once)
         self.config = ModelConfig.from_hf(ckpt.config)
         self.family = get_family(self.config.model_type)
         self.dtype = DTYPES[ckpt.manifest.dtype]
@@ -58,19 +62,10 @@ class Model:
     # ---- generation ----
 
     def kv_bytes(self, batch: int, tokens: int) -> int:
-        c = self.config
-        return 2 * c.num_layers * batch * c.num_kv_heads * tokens * c.head_dim * self.dtype.itemsize
+        return batch * tokens * kv_token_bytes(self.config, self.dtype.itemsize, self.kv_dtype)
 
     def _new_kv(self, batch: int, tokens: int) -> list[LayerKV]:
-        c = self.config
-        shape = (batch, c.num_kv_heads, tokens, c.head_dim)  # [B, H_kv, T, D]
-        return [
-            LayerKV(
-                torch.empty(shape, dtype=self.dtype, device=self.device),
-                torch.empty(shape, dtype=self.dtype, device=self.device),
-            )
-            for _ in range(c.num_layers)
-        ]
+        return new_kv_cache(self.config, batch, tokens, self.dtype, self.device, self.kv_dtype)
 
     @torch.inference_mode()
     def generate(
@@ -128,6 +123,7 @@ class Model:
             progress=progress,
             passes=passes,
             prefill_tokens=self.prefill_tokens,
+            decode_rows=self.micro_batch,
         )
         return out.to(ids.device)
 
@@ -252,6 +248,7 @@ def load(
     progress: bool = True,
     trace: Trace | None = None,
     prefill_tokens: int = 2048,
+    kv_dtype: str | None = None,
 ) -> Model:
     """Load a zeroinf checkpoint (or a plain Hugging Face folder, converted once into a cache
     folder) for layer-streaming generation. See README.md for every argument."""
@@ -265,6 +262,7 @@ def load(
     group = group_from_env(device)
     if offload not in ("cpu", "nvme"):
         raise ConfigError(f"offload={offload!r}: must be 'cpu' or 'nvme'")
+    check_kv_dtype(kv_dtype)
     dtype_name = _dtype_name(dtype)
     cache = Path(nvme_dir) if offload == "nvme" and nvme_dir is not None else None
     first = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
@@ -308,7 +306,7 @@ def load(
     _check_host_memory(plan, device)
     log.info("%s", plan)
     return Model(ckpt, plan, device, io_backend=io_backend, trace=trace, group=group,
-                 prefill_tokens=prefill_tokens)  # fmt: skip
+                 prefill_tokens=prefill_tokens, kv_dtype=kv_dtype)  # fmt: skip
 
 
 def _check_shapes(ckpt: Checkpoint) -> None:

@@ -99,6 +99,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quantize", choices=("int4", "int8"), help="a shape's weights quantized")
     p.add_argument("--group-size", type=int, default=64, help="with --quantize")
     p.add_argument("--quantize-head", action="store_true", help="with --quantize: the LM head too")
+    p.add_argument("--kv-dtype", choices=("int8",), help="KV cache stored as int8 (lossy)")
     p.add_argument("--plot", help="draw tok/s and the roofline against batch size into this PNG")
     a = p.parse_args(argv)
     try:
@@ -164,7 +165,7 @@ def run(a: argparse.Namespace) -> list[dict[str, Any]]:
         drop_page_cache()  # time to first token from a cold checkpoint
         model = zeroinf.load(a.path, device=device, offload=a.offload, gpu_memory=a.gpu_memory,
                              prefetch=a.prefetch, io_backend=a.io_backend,
-                             prefill_tokens=a.prefill_tokens)  # fmt: skip
+                             prefill_tokens=a.prefill_tokens, kv_dtype=a.kv_dtype)  # fmt: skip
         ckpt = model.checkpoint
     else:
         if a.offload == "nvme":
@@ -201,7 +202,7 @@ def run(a: argparse.Namespace) -> list[dict[str, Any]]:
             drop_page_cache()
         t = time.perf_counter()
         model = Model(ckpt, plan, device, io_backend=a.io_backend, prefill_tokens=a.prefill_tokens,
-                      group=group)  # fmt: skip
+                      group=group, kv_dtype=a.kv_dtype)  # fmt: skip
         load_s = time.perf_counter() - t
     else:
         load_s = model.load_s
@@ -249,6 +250,10 @@ def measure(
     stream_bw = min(disk, h2d) if disk is not None and a.offload == "nvme" else h2d
     machine = Machine(stream_bw, mach["flops"], mach["hbm_bytes_per_s"])
     cost = ModelCost.from_manifest(ckpt.manifest)
+    if a.kv_dtype == "int8":  # the cache's own bytes: int8 values and a float32 scale
+        from dataclasses import replace
+
+        cost = replace(cost, kv_vector_bytes=cost.head_dim + 4)
     pre_floor, dec_floor = roofline_seconds(
         cost, plan.rank_streamed_bytes, machine, batch, a.prompt_len, st.new_tokens
     )
@@ -281,6 +286,8 @@ def measure(
         "pinned_host_bytes": model.prefetcher.pinned_bytes,
         "copy_profile": profile,
         "host_pass_s": model.executor.host_pass_s,
+        "kv_dtype": a.kv_dtype or a.dtype,
+        "cuda_graphs_captured_replayed": model.executor.graph_counts,
         "kv_bytes": model.kv_bytes(batch, a.prompt_len + a.gen_len),
     }  # fmt: skip
     if device.type == "cuda":

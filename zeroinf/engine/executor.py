@@ -4,13 +4,16 @@ and hands the model its tensors."""
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
+from functools import partial
 from types import ModuleType
 from typing import Any
 
 import torch
 
+from zeroinf.engine.graphs import DecodeGraphs
 from zeroinf.engine.prefetcher import Prefetcher
 from zeroinf.errors import CheckpointError
 from zeroinf.format import DTYPES, TensorEntry, UnitEntry
@@ -57,7 +60,9 @@ class Executor:
             self._layout.append(entries)
         self._views: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
         self.kinds = [_kind(u) for u in units]
+        self.dtype = DTYPES[prefetcher.ckpt.manifest.dtype]  # activations' dtype
         self.host_pass_s = 0.0
+        self.graph_counts = (0, 0)  # CUDA graphs (captured, replayed) by the last generate call
 
     def _weights(self, j: int, buf: torch.Tensor) -> dict[str, torch.Tensor]:
         """Tensor views into unit j's buffer, cached per (unit, buffer)."""
@@ -73,23 +78,23 @@ class Executor:
             self._views[key] = w
         return w
 
-    def forward(self, batches: list[MicroBatch]) -> list[torch.Tensor]:
+    def forward(
+        self, batches: list[MicroBatch], graphs: DecodeGraphs | None = None
+    ) -> list[torch.Tensor]:
         """The block schedule: each unit, once on the device, serves every micro-batch before it
         is released. ids [B_k, S] per micro-batch -> float32 logits of the last position
-        [B_k, V] per micro-batch."""
+        [B_k, V] per micro-batch. With `graphs`, each unit's computation per micro-batch is a
+        replayed CUDA graph (the batches' tensors must then be the same from pass to pass)."""
         t0 = time.perf_counter()
         xs: list[torch.Tensor] = [mb.ids for mb in batches]
         layer = 0
         for j, kind in enumerate(self.kinds):
-            w = self._weights(j, self.prefetcher.acquire(j))
+            buf = self.prefetcher.acquire(j)
+            w = self._weights(j, buf)
             try:
                 for k, mb in enumerate(batches):
-                    if kind == "embed":
-                        xs[k] = self.family.embed(xs[k], w, mb.ctx, self.cfg)
-                    elif kind == "layer":
-                        xs[k] = self.family.layer(xs[k], w, mb.kv[layer], mb.ctx, self.cfg)
-                    else:
-                        xs[k] = self.family.head(xs[k][:, -1:], w, self.cfg)[:, -1]
+                    fn = partial(self._unit, kind, w, mb, layer)
+                    xs[k] = fn(xs[k]) if graphs is None else graphs.run(j, buf, k, fn, xs[k])
             except BaseException:
                 self._skip_rest_of_pass(j)
                 raise
@@ -97,6 +102,25 @@ class Executor:
             self.prefetcher.release(j)
         self.host_pass_s = time.perf_counter() - t0  # host time to issue the pass (tracing)
         return xs
+
+    def _unit(
+        self, kind: str, w: dict[str, Any], mb: MicroBatch, layer: int, x: torch.Tensor
+    ) -> torch.Tensor:
+        if kind == "embed":
+            return self.family.embed(x, w, mb.ctx, self.cfg)
+        if kind == "layer":
+            return self.family.layer(x, w, mb.kv[layer], mb.ctx, self.cfg)
+        return self.family.head(x[:, -1:], w, self.cfg)[:, -1]
+
+    @property
+    def graphable(self) -> bool:
+        """Whether decode passes can run as CUDA graphs: on a GPU, for a family whose decode
+        has no data-dependent shapes (Mixtral's routing has), unless ZEROINF_CUDA_GRAPHS=0."""
+        return (
+            self.prefetcher.cuda
+            and getattr(self.family, "CUDA_GRAPHS", True)
+            and os.environ.get("ZEROINF_CUDA_GRAPHS", "1") != "0"
+        )
 
     def release_views(self) -> None:
         self._views.clear()

@@ -10,8 +10,10 @@ import torch
 from tqdm.auto import tqdm
 
 from zeroinf.engine.executor import Executor, MicroBatch
+from zeroinf.engine.graphs import DecodeGraphs, refresh_context
 from zeroinf.errors import ConfigError
 from zeroinf.models.base import LayerKV, build_context
+from zeroinf.models.layers import precompute
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,8 @@ def generate(
     progress: bool = False,
     passes: int | None = None,
     prefill_tokens: int | None = None,
+    decode_rows: int | None = None,
+    cuda_graphs: bool = True,
 ) -> tuple[torch.Tensor, GenerationStats]:
     """ids, attention_mask [B, P] on the compute device (left padded) -> [B, P + N] ids.
 
@@ -99,7 +103,11 @@ def generate(
     batch's own needs stream the weights without computing.
     prefill_tokens: the prefill runs in micro-batches of rows holding at most this many tokens
     (at least one row), each streamed unit serving all of them, so activation memory stays
-    bounded whatever the batch."""
+    bounded whatever the batch.
+    decode_rows: decode in micro-batches of this many rows (None: one), each streamed unit
+    serving all of them before it is released (the block schedule).
+    cuda_graphs: replay each unit's decode computation as a CUDA graph where the executor
+    can (engine/graphs.py)."""
     b, p = ids.shape
     dev = ids.device
     total = p + gc.max_new_tokens
@@ -119,17 +127,36 @@ def generate(
         for g, s in zip(gens, seeds, strict=True):
             g.manual_seed(s if s is not None else torch.seed())
     chunk_rows = max(1, (prefill_tokens or b * p) // p)
+    step_rows = decode_rows or b
+    graphs = None
+    if cuda_graphs and executor.graphable:
+        graphs = DecodeGraphs(executor.prefetcher.capture_stream)
+    static: list[MicroBatch] | None = None  # decode's micro-batches, refreshed in place
     clock = _Clock(dev)
     x, start, n = ids, 0, 0
     bar = tqdm(total=gc.max_new_tokens, unit="tok", desc="generate", disable=not progress)
     for i in range(gc.max_new_tokens):
-        rows = chunk_rows if i == 0 else b  # prefill in row chunks: bounded activations
-        parts = [
-            MicroBatch(x[r : r + rows], build_context(mask[r : r + rows], start, x.shape[1]),
-                       [LayerKV(c.k[r : r + rows], c.v[r : r + rows]) for c in kv])
-            for r in range(0, b, rows)
-        ]  # fmt: skip
-        logits = torch.cat(executor.forward(parts))
+        if i == 0:  # prefill in row chunks: bounded activations
+            parts = [
+                MicroBatch(x[r : r + chunk_rows], build_context(mask[r : r + chunk_rows], 0, p),
+                           [c.rows(r, r + chunk_rows) for c in kv])
+                for r in range(0, b, chunk_rows)
+            ]  # fmt: skip
+            logits = torch.cat(executor.forward(parts))
+        else:  # decode: the whole-cache form, the same tensors every step (CUDA graphs)
+            parts = []
+            for r in range(0, b, step_rows):
+                ctx = build_context(mask[r : r + step_rows], start, 1, whole_cache=total)
+                precompute(ctx, executor.cfg, executor.dtype)
+                parts.append(MicroBatch(x[r : r + step_rows], ctx,
+                                        [c.rows(r, r + step_rows) for c in kv]))  # fmt: skip
+            if static is None:
+                static = [MicroBatch(mb.ids.clone(), mb.ctx, mb.kv) for mb in parts]
+            else:
+                for s, mb in zip(static, parts, strict=True):
+                    s.ids.copy_(mb.ids)
+                    refresh_context(s.ctx, mb.ctx)
+            logits = torch.cat(executor.forward(static, graphs))
         nxt = sample(logits, gc, gens)
         n = i + 1
         if len(gc.eos_token_id):
@@ -143,6 +170,9 @@ def generate(
         bar.update(1)
         if len(gc.eos_token_id) and bool(finished.all()):
             break
+    if graphs is not None:
+        executor.graph_counts = (graphs.captured, graphs.replayed)
+        graphs.close()
     for _ in range(n, passes or 0):
         executor.skip_pass()
     prefill_s, decode_s = clock.stop()

@@ -87,6 +87,8 @@ class Prefetcher:
         self.host: dict[int, torch.Tensor] = {}  # unit index -> pinned buffer (CPU tier)
         self.streamed = [j for j, p in enumerate(plan.placements) if p.tier != "gpu"]
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
+        # CUDA graphs are captured on a stream of their own (engine/graphs.py)
+        self.capture_stream = torch.cuda.Stream(device) if self.cuda else None
         self.synthetic = isinstance(ckpt, SyntheticCheckpoint)
         if self.synthetic and any(p.tier == "nvme" for p in plan.placements):
             raise ZeroInfError("a synthetic model has no unit files to stream from NVMe")

@@ -29,6 +29,7 @@ class ModelCost:
     kv_heads: int
     head_dim: int
     itemsize: int
+    kv_vector_bytes: int = 0  # bytes of one cached key (or value) vector; 0: head_dim * itemsize
 
     @classmethod
     def from_manifest(cls, m: Manifest) -> ModelCost:
@@ -69,7 +70,8 @@ class ModelCost:
         return 2 * self.matmul_params * tokens + attn + 2 * self.head_params * batch
 
     def pass_hbm_bytes(self, batch: int, context: int) -> float:
-        kv = 2 * batch * context * self.kv_heads * self.head_dim * self.layers * self.itemsize
+        per_vector = self.kv_vector_bytes or self.head_dim * self.itemsize
+        kv = 2 * batch * context * self.kv_heads * self.layers * per_vector
         return self.weight_bytes + kv
 
 

@@ -36,12 +36,18 @@ class Context:
         padding applied). Families with a sliding window narrow it themselves (cache indices
         of the queries are start .. start+S-1).
     memo: per-step values a family computes once and reuses in every layer (rotary cos/sin).
+    write_index: None, or [S] int64 cache indices of this step's tokens (start .. start+S-1)
+        on the device. When set ("whole-cache" form, used for decode), the keys are written
+        with index_copy_ at these indices, attention runs over the whole cache (mask is then
+        [B, 1, S, T_max]), and no Python number in the math changes from step to step, so a
+        unit's computation can be captured once in a CUDA graph and replayed every step.
     """
 
     positions: torch.Tensor
     start: int
     mask: torch.Tensor
     memo: dict[str, Any] = field(default_factory=dict)
+    write_index: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -58,17 +64,43 @@ class QuantWeight:
 
 @dataclass
 class LayerKV:
-    """One layer's KV cache: k and v are [B, H_kv, T_max, D_head]."""
+    """One layer's KV cache: k and v are [B, H_kv, T_max, D_head] in the model's dtype, or int8
+    with k_scale and v_scale [B, H_kv, T_max] float32 (kernels.kv_quant: x ~= q * scale,
+    symmetric per token and kv head, quantized as tokens are written)."""
 
     k: torch.Tensor
     v: torch.Tensor
+    k_scale: torch.Tensor | None = None
+    v_scale: torch.Tensor | None = None
+
+    def rows(self, a: int, b: int) -> LayerKV:
+        """The cache of rows a..b-1 (views: writes land in this cache)."""
+        ks = self.k_scale[a:b] if self.k_scale is not None else None
+        vs = self.v_scale[a:b] if self.v_scale is not None else None
+        return LayerKV(self.k[a:b], self.v[a:b], ks, vs)
+
+    @property
+    def quantized(self) -> bool:
+        return self.k_scale is not None
 
 
-def build_context(attention_mask: torch.Tensor, start: int, seq: int) -> Context:
+def build_context(
+    attention_mask: torch.Tensor, start: int, seq: int, whole_cache: int | None = None
+) -> Context:
     """Context for `seq` new tokens written at cache index `start`.
 
     attention_mask: [B, >= start + seq], 1 for real tokens and 0 for (left) padding.
+    whole_cache: T_max for the whole-cache form (Context.write_index): the mask then spans all
+    T_max cache indices, those not yet written masked out.
     """
+    if whole_cache is not None:
+        ctx = build_context(attention_mask, start, seq)
+        T = ctx.mask.shape[-1]
+        mask = torch.zeros(*ctx.mask.shape[:-1], whole_cache, dtype=torch.bool,
+                           device=ctx.mask.device)  # fmt: skip
+        mask[..., :T] = ctx.mask
+        index = torch.arange(start, start + seq, device=ctx.mask.device)
+        return Context(ctx.positions, start, mask, write_index=index)
     total = start + seq
     am = attention_mask[:, :total].bool()  # [B, T]
     positions = (am.long().cumsum(-1) - 1).clamp(min=0)[:, start:total]  # [B, S]

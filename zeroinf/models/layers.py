@@ -172,16 +172,15 @@ def attend(
     scale: float,
     window: int | None = None,
 ) -> torch.Tensor:
-    """Write this step's k, v into the cache and attend over kv[:, :, :start + S].
+    """Write this step's k, v into the cache and attend over kv[:, :, :start + S] (the whole
+    cache, masked, in the whole-cache form: Context.write_index).
 
     q [B, H, S, D]; k, v [B, Hkv, S, D] -> [B, S, H * D].
     """
     B, H, S, D = q.shape
-    end = ctx.start + S
-    kv.k[:, :, ctx.start : end] = k
-    kv.v[:, :, ctx.start : end] = v
-    keys = kv.k[:, :, :end].to(q.dtype)  # [B, Hkv, T, D]
-    values = kv.v[:, :, :end].to(q.dtype)
+    write_kv(kv, ctx, k, v)
+    end = None if ctx.write_index is not None else ctx.start + S
+    keys, values = read_kv(kv, end, q.dtype)  # [B, Hkv, T, D]
     n_rep = H // keys.shape[1]
     if n_rep > 1:
         # GQA: expand kv heads. SDPA's enable_gqa would avoid the copy but sends a masked call
@@ -193,3 +192,59 @@ def attend(
         q, keys, values, attn_mask=window_mask(ctx, window), scale=scale
     )  # [B, H, S, D]
     return o.transpose(1, 2).reshape(B, S, H * D)
+
+
+def write_kv(kv: LayerKV, ctx: Context, k: torch.Tensor, v: torch.Tensor) -> None:
+    """k, v [B, Hkv, S, D] into the cache at indices start .. start+S-1 (int8 caches quantize
+    them first)."""
+    if kv.quantized:
+        assert kv.k_scale is not None and kv.v_scale is not None
+        kq, ks = quantize_kv(k)
+        vq, vs = quantize_kv(v)
+        pairs = ((kv.k, kq), (kv.k_scale, ks), (kv.v, vq), (kv.v_scale, vs))
+    else:
+        pairs = ((kv.k, k), (kv.v, v))
+    for cache, x in pairs:  # cache [B, Hkv, T_max, ...], x [B, Hkv, S, ...]
+        x = x.to(cache.dtype)
+        if ctx.write_index is None:
+            cache[:, :, ctx.start : ctx.start + x.shape[2]] = x
+        else:
+            cache.index_copy_(2, ctx.write_index, x)
+
+
+def read_kv(
+    kv: LayerKV, end: int | None, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values of cache indices 0 .. end-1 (all of them when end is None) in `dtype`:
+    each [B, Hkv, T, D]."""
+    if kv.quantized:
+        assert kv.k_scale is not None and kv.v_scale is not None
+        return (
+            dequantize_kv(kv.k[:, :, :end], kv.k_scale[:, :, :end], dtype),
+            dequantize_kv(kv.v[:, :, :end], kv.v_scale[:, :, :end], dtype),
+        )
+    return kv.k[:, :, :end].to(dtype), kv.v[:, :, :end].to(dtype)
+
+
+def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., D] float -> (int8 [..., D], float32 scale [...]): symmetric per vector, scale =
+    absmax / 127, so |x - q * scale| <= scale / 2. An all-zero vector gets scale 0."""
+    xf = x.float()
+    s = xf.abs().amax(-1) / 127.0
+    q = (xf / torch.where(s > 0, s, 1.0)[..., None]).round().clamp(-127, 127).to(torch.int8)
+    return q, s
+
+
+def dequantize_kv(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(int8 [..., D], float32 [...]) -> [..., D] in dtype. The product is taken in `dtype`
+    (int8 values are exact in float16/bfloat16): no float32 copy of a whole cache."""
+    return q.to(dtype) * s.to(dtype)[..., None]
+
+
+def precompute(ctx: Context, cfg: ModelConfig, dtype: torch.dtype) -> None:
+    """Fill ctx.memo with every per-step value a layer computes on first use (rotary cos/sin,
+    a window mask). Replayed CUDA graphs must find them already made, outside the graphs."""
+    if cfg.rope is not None:
+        rotary(ctx, cfg, dtype)
+    if cfg.sliding_window is not None:
+        window_mask(ctx, cfg.sliding_window)

@@ -18,6 +18,9 @@ __all__ = ["IGNORED_TENSORS", "embed", "head", "layer", "moe", "unit_tensors"]
 
 IGNORED_TENSORS = (r"\.rotary_emb\.inv_freq$",)
 _MOE = "block_sparse_moe"
+# The routing picks each expert's tokens with data-dependent shapes (torch.where): a decode
+# pass cannot be captured as a CUDA graph (engine/graphs.py), so it runs eagerly.
+CUDA_GRAPHS = False
 
 
 def unit_tensors(cfg: ModelConfig) -> list[tuple[str, dict[str, str]]]:

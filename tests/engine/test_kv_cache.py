@@ -1,0 +1,95 @@
+"""The KV cache: int8 storage (quantized as tokens are written) and decode in micro-batches.
+
+Oracles: transformers itself, with a cache that rounds every key and value it stores through
+the same int8 quantization (so the two differ only by what zeroinf computes, not by what int8
+loses); the one-micro-batch run for micro-batches (float32: identical tokens)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache
+
+import zeroinf
+from zeroinf.convert import convert
+from zeroinf.engine.kvcache import kv_token_bytes
+from zeroinf.errors import ConfigError
+from zeroinf.models import ModelConfig
+from zeroinf.models.layers import dequantize_kv, quantize_kv
+from zeroinf.tiny import save_tiny_hf
+
+NEW = 8
+
+
+class FakeInt8Cache(DynamicCache):
+    """transformers' cache, storing int8-rounded keys and values (quantize -> dequantize)."""
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):  # type: ignore[no-untyped-def]
+        def rt(x: torch.Tensor) -> torch.Tensor:
+            return dequantize_kv(*quantize_kv(x), x.dtype)
+
+        return super().update(rt(key_states), rt(value_states), layer_idx, *args, **kwargs)
+
+
+def _prompts(vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(4, vocab, (3, 7), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    mask[2, :5] = 0
+    return ids, mask
+
+
+def test_quantize_kv_error_bound() -> None:
+    x = torch.randn(4, 3, 5, 64) * torch.rand(4, 3, 5, 1) * 10
+    x[0, 0, 0] = 0  # an all-zero vector: scale 0, exact
+    q, s = quantize_kv(x)
+    assert q.dtype == torch.int8 and s.dtype == torch.float32 and s.shape == x.shape[:-1]
+    err = (x - dequantize_kv(q, s, torch.float32)).abs()
+    assert bool((err <= s[..., None] / 2 + 1e-6).all())
+    assert bool((dequantize_kv(q, s, torch.float32)[0, 0, 0] == 0).all())
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "gpt_neox"])
+def test_int8_kv_matches_transformers_with_int8_rounded_cache(tmp_path: Path, family: str) -> None:
+    save_tiny_hf(tmp_path / "hf", family, seed=5)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    path = convert(tmp_path / "hf", tmp_path / "zi", progress=False)
+    ids, mask = _prompts(hf.config.vocab_size)
+    with torch.no_grad():
+        want = hf.generate(ids, attention_mask=mask, max_new_tokens=NEW, min_new_tokens=NEW,
+                           do_sample=False, pad_token_id=0,
+                           past_key_values=FakeInt8Cache(config=hf.config))  # fmt: skip
+        plain = hf.generate(ids, attention_mask=mask, max_new_tokens=NEW, min_new_tokens=NEW,
+                            do_sample=False, pad_token_id=0)  # fmt: skip
+    with zeroinf.load(path, device="cpu", gpu_memory=None, kv_dtype="int8") as model:
+        got = model.generate(ids, attention_mask=mask, max_new_tokens=NEW)
+        assert model.kv_bytes(1, 1) == kv_token_bytes(model.config, 4, "int8")
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    if family == "llama":  # the int8 cache is in use: with this seed it changes some tokens
+        assert not torch.equal(got, plain)
+
+
+def test_int8_kv_bytes() -> None:
+    cfg = ModelConfig(model_type="llama", num_layers=2, hidden_size=256, num_heads=2,
+                      num_kv_heads=2, head_dim=128, intermediate_size=512, vocab_size=100,
+                      max_positions=64, tie_embeddings=False, norm_eps=1e-5,
+                      act="silu")  # fmt: skip
+    assert kv_token_bytes(cfg, 2, None) == 2 * 2 * 2 * 128 * 2
+    assert kv_token_bytes(cfg, 2, "int8") == 2 * 2 * 2 * (128 + 4)
+    with pytest.raises(ConfigError, match="kv_dtype"):
+        kv_token_bytes(cfg, 2, "int4")
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+def test_decode_micro_batches_identical(tmp_path: Path, rows: int) -> None:
+    save_tiny_hf(tmp_path / "hf", "llama", seed=6)
+    path = convert(tmp_path / "hf", tmp_path / "zi", progress=False)
+    ids, mask = _prompts(64)
+    with zeroinf.load(path, device="cpu", gpu_memory=None) as model:
+        want = model.generate(ids, attention_mask=mask, max_new_tokens=NEW)
+        model.micro_batch = rows
+        got = model.generate(ids, attention_mask=mask, max_new_tokens=NEW)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
