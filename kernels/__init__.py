@@ -18,6 +18,7 @@ from kernels.act import (
     activation_ref,
 )
 from kernels.attention import decode_attention, decode_attention_ref
+from kernels.kv_quant import dequantize_kv, quantize_kv
 from kernels.norm import layer_norm, layer_norm_ref, rms_norm, rms_norm_ref
 from kernels.qmatmul import QConfig, dequantize_into, qmatmul, qmatmul_ref
 from kernels.quant import dequantize, error_bound, pack_int4, quant_info, quantize, unpack_int4
@@ -41,6 +42,7 @@ __all__ = [
     "decode_attention_ref",
     "dequantize",
     "dequantize_into",
+    "dequantize_kv",
     "error_bound",
     "layer_norm",
     "layer_norm_ref",
@@ -49,6 +51,7 @@ __all__ = [
     "qmatmul_ref",
     "quant_info",
     "quantize",
+    "quantize_kv",
     "rms_norm",
     "rms_norm_ref",
     "unpack_int4",

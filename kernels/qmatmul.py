@@ -9,8 +9,19 @@ dtype (int4 without conversion instructions, see _dequant) and multiplies on the
 the full dequantized W never exists. The product is computed transposed,
 acc[BLOCK_N, BLOCK_M] = W_tile @ x_tile.T, so that the dequantized weight is the left operand
 (which Hopper's wgmma takes from registers) and a decode batch of a few rows is the narrow side
-of the instruction. For few rows, K is split across programs (SPLIT_K float32 partials, summed
-by a second small kernel) so that enough programs stream W at once.
+of the instruction. For few rows, K is split across programs (SPLIT_K float32 partials) so that
+enough programs stream W at once. The partials are reduced in one of two ways (QConfig.REDUCE):
+  "last"  one launch: each program writes its partial to a workspace, then takes a ticket on
+          its output tile's counter (a device-wide atomic, acq_rel); the program that arrives
+          last sums the SPLIT_K partials in split order, adds the bias, casts, stores, and
+          resets the counter to 0 for the next call. Saves the second launch (and the gap
+          between the two kernels, ~3-5 us of a ~15-20 us decode call at 5120 x 5120).
+  "sum"   two launches: the partials are summed by _splitk_sum_kernel (the earlier path).
+Both sum the partials in the same fixed order (split 0, 1, ...): results are deterministic and
+bit-identical between the two modes; the arrival order only decides which program adds.
+The counters are one int32 buffer per device (_semaphores), zero between calls: calls on
+several streams of one device must not run the "last" reduction at the same time (the engine
+computes on one stream; CUDA graphs replay the same buffer, which stays valid).
 
 Many rows (> FUSED_MAX_ROWS): the matmul is compute-bound and cuBLAS beats the fused kernel,
 so W is dequantized slab by slab (<= CHUNK_ELEMS weights, never all of it) into a workspace
@@ -42,6 +53,7 @@ class QConfig:
     num_warps: int = 4
     num_stages: int = 3
     GROUP_M: int = 8
+    REDUCE: str = "last"  # SPLIT_K > 1: "last" (one launch) or "sum" (second kernel), see above
 
 
 @triton.jit
@@ -75,6 +87,15 @@ def _dequant(
     return tl.reshape(w, (BN, GROUPS * C)).to(DT)
 
 
+@triton.jit
+def _store_y(acc, BIAS, Y, rn, rm, offs_n, out_mask, N, HAS_BIAS: tl.constexpr):
+    """acc [BN, BM] float32 (+ bias) -> y[m, n] in Y's dtype."""
+    if HAS_BIAS:
+        acc += tl.load(BIAS + offs_n).to(tl.float32)[:, None]
+    y_ptr = Y + rm[None, :].to(tl.int64) * N + rn[:, None]
+    tl.store(y_ptr, acc.to(Y.dtype.element_ty), mask=out_mask)
+
+
 # M is not specialized: Triton would compile M == 1 apart, and that variant loads x slower.
 @triton.jit(do_not_specialize=["M"])
 def _qmm_kernel(
@@ -83,7 +104,9 @@ def _qmm_kernel(
     S,  # [K / G, N] scales (group-major: a group's scales for consecutive outputs are adjacent)
     Z,  # [K / G, N] zeros (int4 asym; small integers in the scales' dtype) or a dummy
     BIAS,  # [N] or a dummy
-    Y,  # [M, N] output, or [SPLIT_K, M, N] float32 partials when SPLIT
+    Y,  # [M, N] output (SPLIT_MODE 0, 2) or a dummy
+    WS,  # [SPLIT_K, M, N] float32 partials (SPLIT_MODE 1, 2) or a dummy
+    CNT,  # [>= tiles] int32 arrival counters, zero between calls (SPLIT_MODE 2) or a dummy
     M,
     N,
     K,
@@ -98,7 +121,7 @@ def _qmm_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     GROUPS: tl.constexpr,  # quantization groups per step of the K loop
-    SPLIT: tl.constexpr,  # SPLIT_K > 1: write float32 partials
+    SPLIT_MODE: tl.constexpr,  # 0: store y; 1: store partials; 2: partials, last one reduces
     GROUP_M: tl.constexpr,
     ROTATE: tl.constexpr,
 ):
@@ -173,14 +196,26 @@ def _qmm_kernel(
                 acc = tl.dot(w, xt, acc)
 
     out_mask = (rn < N)[:, None] & (rm < M)[None, :]
-    if not SPLIT:
-        if HAS_BIAS:
-            acc += tl.load(BIAS + offs_n).to(tl.float32)[:, None]
-        y_ptr = Y + rm[None, :].to(tl.int64) * N + rn[:, None]  # [BN, BM] -> y[m, n]
-        tl.store(y_ptr, acc.to(Y.dtype.element_ty), mask=out_mask)
+    if SPLIT_MODE == 0:
+        _store_y(acc, BIAS, Y, rn, rm, offs_n, out_mask, N, HAS_BIAS)
     else:
-        y_ptr = Y + (split.to(tl.int64) * M + rm[None, :]) * N + rn[:, None]
-        tl.store(y_ptr, acc, mask=out_mask)
+        ws_ptr = WS + rm[None, :].to(tl.int64) * N + rn[:, None]  # [BN, BM] -> ws[., m, n]
+        tl.store(ws_ptr + split.to(tl.int64) * M * N, acc, mask=out_mask)
+        if SPLIT_MODE == 2:
+            # Release: every thread's partial is stored before the ticket is taken (the
+            # barrier orders the CTA's stores before the one thread that does the atomic).
+            tl.debug_barrier()
+            ticket = tl.atomic_add(CNT + pid, 1, sem="acq_rel", scope="gpu")
+            if ticket == SPLIT_K - 1:
+                # Last to arrive: every other split's partial is visible (acquire). Sum in
+                # split order (deterministic, as _splitk_sum_kernel), bypassing L1 (.cg).
+                total = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+                part = ws_ptr
+                for _ in range(SPLIT_K):
+                    total += tl.load(part, mask=out_mask, other=0.0, cache_modifier=".cg")
+                    part += M * N
+                _store_y(total, BIAS, Y, rn, rm, offs_n, out_mask, N, HAS_BIAS)
+                tl.store(CNT + pid, 0)  # ready for the next call (graph replays included)
 
 
 @triton.jit
@@ -252,6 +287,9 @@ def _dequant_kernel(
 # on the H100 between 256 and 512 rows for 13B-30B layers: tools/bench_kernels.py).
 FUSED_MAX_ROWS = 256
 DECODE_ROWS = 64  # up to this many rows, the fused kernel's decode configuration (split-K)
+# How pick_config reduces split-K partials: "last" (one launch) or "sum" (two launches, the
+# earlier path). Edit here to change the default; bench_kernels.py --only decode times both.
+SPLIT_REDUCE = "last"
 CHUNK_ELEMS = 1 << 25  # dequantized weight slab of the prefill path: 64 MiB in 16-bit
 
 
@@ -269,7 +307,7 @@ def pick_config(M: int, N: int, K: int, G: int, bits: int, device: torch.device)
         tiles = cdiv(M, bm) * cdiv(N, bn)
         waves = 4 if bm <= 32 else 2
         split = max(1, min(cdiv(waves * num_sms(device), tiles), n_groups // groups // 2, 16))
-        return QConfig(bm, bn, groups, split, num_warps=4, num_stages=3)
+        return QConfig(bm, bn, groups, split, num_warps=4, num_stages=3, REDUCE=SPLIT_REDUCE)
     return QConfig(128, 128, 1, 1, num_warps=8, num_stages=4)
 
 
@@ -334,16 +372,21 @@ def _fused(
         return y
     cfg = config or pick_config(M, N, K, G, bits, x2.device)
     check((K // G) % cfg.GROUPS == 0, f"GROUPS {cfg.GROUPS} does not divide {K // G} groups")
+    check(cfg.REDUCE in ("last", "sum"), f"QConfig.REDUCE: {cfg.REDUCE!r} not 'last' or 'sum'")
     split = min(cfg.SPLIT_K, K // G // cfg.GROUPS)
-    out = y if split == 1 else torch.empty((split, M, N), dtype=torch.float32, device=x2.device)
-    grid = (cdiv(M, cfg.BLOCK_M) * cdiv(N, cfg.BLOCK_N), split)
-    _qmm_kernel[grid](
+    mode = 0 if split == 1 else (2 if cfg.REDUCE == "last" else 1)
+    ws = y if split == 1 else torch.empty((split, M, N), dtype=torch.float32, device=x2.device)
+    tiles = cdiv(M, cfg.BLOCK_M) * cdiv(N, cfg.BLOCK_N)
+    dummy = scales
+    _qmm_kernel[(tiles, split)](
         x2,
         qweight,
         scales,
-        zeros if zeros is not None else scales,
-        bias if bias is not None else scales,
-        out,
+        zeros if zeros is not None else dummy,
+        bias if bias is not None else dummy,
+        y,
+        ws,
+        _semaphores(x2.device, tiles) if mode == 2 else dummy,
         M,
         N,
         K,
@@ -358,17 +401,17 @@ def _fused(
         BLOCK_M=cfg.BLOCK_M,
         BLOCK_N=cfg.BLOCK_N,
         GROUPS=cfg.GROUPS,
-        SPLIT=split > 1,
+        SPLIT_MODE=mode,
         GROUP_M=cfg.GROUP_M,
         ROTATE=M <= DECODE_ROWS,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
-    if split > 1:
+    if mode == 1:
         BLOCK = 1024
         _splitk_sum_kernel[(cdiv(M * N, BLOCK),)](
-            out,
-            bias if bias is not None else scales,
+            ws,
+            bias if bias is not None else dummy,
             y,
             M * N,
             N,
@@ -378,6 +421,20 @@ def _fused(
             num_warps=4,
         )
     return y
+
+
+# Arrival counters of the "last" split-K reduction, per device: int32, zero between calls (the
+# last program of each tile resets its counter). Never freed or replaced while in use: a CUDA
+# graph keeps the address it captured, so a larger buffer is added beside the old ones.
+_SEMAPHORES: dict[torch.device, list[torch.Tensor]] = {}
+SEMAPHORE_MIN = 1 << 16  # counters in the first buffer (256 KiB): decode needs <= ~2k tiles
+
+
+def _semaphores(device: torch.device, n: int) -> torch.Tensor:
+    bufs = _SEMAPHORES.setdefault(device, [])
+    if not bufs or bufs[-1].numel() < n:
+        bufs.append(torch.zeros(max(n, SEMAPHORE_MIN), dtype=torch.int32, device=device))
+    return bufs[-1]
 
 
 def dequantize_into(

@@ -13,12 +13,25 @@ GB/s = bytes that must move (inputs read once, outputs written once) / gpu time,
 HBM ceiling (~3.0 TB/s, device-to-device copy); matmul rows also give TFLOP/s. The quantized
 matmul is compared with cuBLAS bf16 on a bf16 weight of the same shape (the path it replaces).
 `--tune` times a grid of qmatmul configurations instead, to revise kernels.qmatmul.pick_config.
-Needs a CUDA GPU; about 2-3 minutes on the H100.
+
+Variants (one run times them all; `--only decode,attention` for just these):
+  decode      int4/int8 qmatmul at decode rows (M = 1..16) on the Llama-2-13B and OPT-30B layers
+              (fused qkv included), each with pick_config's configuration and its split-K
+              partials reduced two ways: groups "int4s/sum" (second kernel, the earlier path)
+              and "int4s/last" (one launch, last-arriving program reduces; the default), against
+              one cuBLAS bf16 timing; plus a SPLIT_K sweep of "last" (int4 sym, M = 1 and 16).
+              The summary gives each variant's worst speedup against the 1.5x target.
+  attention   bf16 caches (as before) and int8 caches ("attn-int8": the kernel dequantizing in
+              registers, conversions "magic" and "cvt", length as an int or a device tensor;
+              reference: dequantize the valid cache + SDPA), and the quantize-on-write cost
+              ("kv-write": kernels.quantize_kv + cache store, against a bf16 cache store).
+Needs a CUDA GPU; about 4-5 minutes on the H100.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import sys
@@ -35,6 +48,7 @@ from triton.testing import do_bench
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import kernels as K  # noqa: E402
+import kernels.attention as attn_mod  # noqa: E402
 from kernels.attention import decode_attention_oracle  # noqa: E402
 from kernels.qmatmul import QConfig, pick_config  # noqa: E402
 
@@ -328,12 +342,192 @@ def attention_case(B: int, H: int, Hkv: int, D: int, L: int) -> Row:
 
 
 def bench_attention() -> list[Row]:
-    return [
+    rows = [
         attention_case(32, 40, 40, 128, 544),  # 13B, prompt 512 + 32 generated
         attention_case(32, 56, 56, 128, 544),  # OPT-30B
         attention_case(32, 32, 8, 128, 4096),  # GQA, long cache
         attention_case(1, 40, 40, 128, 4096),  # one row: keys split across programs
     ]
+    for B, H, Hkv, D, L in ((32, 40, 40, 128, 544), (32, 56, 56, 128, 544)):
+        rows += [
+            attention_int8_case(B, H, Hkv, D, L, "magic"),
+            attention_int8_case(B, H, Hkv, D, L, "cvt"),
+            attention_int8_case(B, H, Hkv, D, L, "magic", len_tensor=True),
+        ]
+    rows += [
+        attention_int8_case(32, 32, 8, 128, 4096, "magic"),
+        attention_int8_case(1, 40, 40, 128, 4096, "magic", len_tensor=True),
+    ]
+    for Hkv in (40, 56):
+        rows += [kv_write_case(32, Hkv, 128, 1), kv_write_case(32, Hkv, 128, 512)]
+    return rows
+
+
+# Decode shapes (N out, K in): Llama-2-13B qkvo, gate/up, down, fused qkv; OPT-30B likewise.
+DECODE_LAYERS = [
+    ("13B qkvo", 5120, 5120),
+    ("13B gate/up", 13824, 5120),
+    ("13B down", 5120, 13824),
+    ("13B qkv", 15360, 5120),
+    ("30B qkvo", 7168, 7168),
+    ("30B fc1", 28672, 7168),
+    ("30B fc2", 7168, 28672),
+    ("30B qkv", 21504, 7168),
+]
+DECODE_MS = (1, 4, 8, 16)
+SWEEP_SPLITS = (2, 3, 4, 5, 6, 7, 8, 10, 12, 16)
+
+
+def qmm_row(group: str, name: str, us: float, ref_us: float, wall: float, ref_wall: float,
+            qbytes: float, M: int, N: int, Kd: int, err: float) -> Row:  # fmt: skip
+    gbps = (qbytes + (M * Kd + M * N) * 2) / us / 1e3
+    r = Row(group, name, "bfloat16", us, ref_us, ref_us / us, wall, ref_wall, gbps,
+            gbps / HBM_GBPS, 2.0 * M * N * Kd / us / 1e6, err, err < TOL[BF16])  # fmt: skip
+    print(
+        f"  {group:12s} {name:32s} {us:8.1f} us  cuBLAS {ref_us:8.1f} us  x{r.speedup:5.2f}  "
+        f"wall {wall:6.1f}/{ref_wall:6.1f} us  {gbps:6.0f} GB/s  err {err:.1e}"
+        f"{'' if r.ok else '  FAIL'}",
+        flush=True,
+    )
+    return r
+
+
+def bench_decode() -> list[Row]:
+    """Single-launch ("last") against two-launch ("sum") split-K at decode rows; one cuBLAS
+    timing per shape and M serves every variant."""
+    rows = []
+    for name, N, Kd in DECODE_LAYERS:
+        ws = [rnd(N, Kd) * 0.02 for _ in range(n_copies(2 * N * Kd))]
+        xs = {M: rnd(M, Kd) for M in DECODE_MS + (16,)}
+        cublas: dict[int, tuple[float, float]] = {}  # M -> (gpu us, wall us) of F.linear
+        for bits, scheme in ((4, "sym"), (4, "asym"), (8, "sym")):
+            qs = [quantized(N, Kd, bits, scheme) for _ in range(n_copies(N * Kd * bits / 8))]
+            w_ref = K.dequantize(**qs[0])  # float32 [N, K], for the check only
+            qbytes = sum(t.numel() * t.element_size() for t in qs[0].values())
+            for M in DECODE_MS if bits == 4 else (1, 16):
+                if M > MAX_ROWS:
+                    continue
+                x = xs[M]
+                want = x.float() @ w_ref.T
+                if M not in cublas:
+                    ref_fns = [lambda x=x, w=w: F.linear(x, w) for w in ws]
+                    cublas[M] = gpu_us(ref_fns), wall_us(ref_fns)
+                ref_us, ref_wall = cublas[M]
+                base = pick_config(M, N, Kd, 64, bits, x.device)
+                tag = f"int{bits}{scheme[0]}"
+                for reduce in ("sum", "last"):
+                    cfg = dataclasses.replace(base, REDUCE=reduce)
+                    fns = [lambda x=x, q=q, c=cfg: K.qmatmul(x, **q, config=c) for q in qs]
+                    err = rel(fns[0](), want)
+                    rows.append(
+                        qmm_row(f"{tag}/{reduce}", f"{name} M={M} N={N} K={Kd}", gpu_us(fns),
+                                ref_us, wall_us(fns), ref_wall, qbytes, M, N, Kd, err)
+                    )  # fmt: skip
+                if (bits, scheme) == (4, "sym") and M in (1, 16):
+                    rows += sweep_splits(name, x, qs, want, base, ref_us, qbytes, N, Kd)
+    return rows
+
+
+def sweep_splits(name, x, qs, want, base, ref_us, qbytes, N, Kd) -> list[Row]:  # noqa: ANN001
+    """SPLIT_K sweep of the single-launch variant (pick_config's split marked *): rows of group
+    "int4s/sweep", left out of the final table (they are in --json)."""
+    M = x.shape[0]
+    steps = Kd // 64 // base.GROUPS
+    out, line = [], []
+    for split in sorted({s for s in SWEEP_SPLITS if s <= steps} | {base.SPLIT_K}):
+        cfg = dataclasses.replace(base, SPLIT_K=split, REDUCE="last")
+        fns = [lambda q=q, c=cfg: K.qmatmul(x, **q, config=c) for q in qs]
+        err = rel(fns[0](), want)
+        us = gpu_us(fns)
+        gbps = (qbytes + (M * Kd + M * N) * 2) / us / 1e3
+        out.append(Row("int4s/sweep", f"{name} M={M} N={N} K={Kd} split={split}", "bfloat16",
+                       us, ref_us, ref_us / us, 0.0, 0.0, gbps, gbps / HBM_GBPS,
+                       2.0 * M * N * Kd / us / 1e6, err, err < TOL[BF16]))  # fmt: skip
+        line.append(f"{split}{'*' if split == base.SPLIT_K else ''}:{us:.1f}")
+    best = min(out, key=lambda r: r.us)
+    print(f"    split sweep (last) {name} M={M}: {' '.join(line)} us; best x{best.speedup:.2f}")
+    return out
+
+
+def int8_cache(B: int, Hkv: int, T: int, D: int) -> tuple[torch.Tensor, ...]:
+    k, ks = K.quantize_kv(rnd(B, Hkv, T, D))
+    v, vs = K.quantize_kv(rnd(B, Hkv, T, D))
+    return k, ks, v, vs
+
+
+def attention_int8_case(
+    B: int, H: int, Hkv: int, D: int, L: int, convert: str = "magic", len_tensor: bool = False
+) -> Row:
+    """int8 caches: the kernel (INT8_CONVERT = convert; the length an int or a device tensor)
+    against torch dequantizing the valid cache and running SDPA."""
+    T = L + 64
+
+    def inputs() -> tuple:
+        mask = torch.ones(B, T, dtype=torch.bool, device="cuda")
+        mask[::2, : L // 4] = False
+        k, ks, v, vs = int8_cache(B, Hkv, T, D)
+        n = torch.tensor(L, dtype=torch.int32, device="cuda") if len_tensor else L
+        return rnd(B, H, 1, D), k, v, n, mask, ks, vs
+
+    def kernel(q, k, v, n, mask, ks, vs):  # noqa: ANN001
+        attn_mod.INT8_CONVERT = convert  # read at launch: the captured graph keeps it
+        try:
+            return K.decode_attention(q, k, v, n, mask, k_scale=ks, v_scale=vs)
+        finally:
+            attn_mod.INT8_CONVERT = "magic"
+
+    def ref(q, k, v, n, mask, ks, vs):  # noqa: ANN001
+        return K.decode_attention_ref(q, k, v, L, mask, k_scale=ks, v_scale=vs)
+
+    def oracle(q, k, v, n, mask, ks, vs):  # noqa: ANN001
+        return decode_attention_oracle(q, k, v, L, mask, k_scale=ks, v_scale=vs)
+
+    small = B * H * L <= 2**22
+    return case(
+        "attn-int8",
+        f"B={B} H={H}/{Hkv} D={D} T={L} {convert}{' len-tensor' if len_tensor else ''}",
+        inputs,
+        kernel,
+        ref,
+        2 * B * Hkv * L * (D + 4) + 2 * B * H * D * 2 + B * L,
+        4.0 * B * H * L * D,
+        want=oracle if small else None,
+    )
+
+
+def kv_write_case(B: int, Hkv: int, D: int, S: int) -> Row:
+    """Quantize-on-write: S new tokens [B, Hkv, S, D] (bf16) quantized (kernels.quantize_kv,
+    torch ops) and stored into an int8 cache + scales, against storing them into a bf16 cache."""
+    T, t0 = S + 64, 32
+
+    def inputs() -> tuple:
+        return (rnd(B, Hkv, S, D), torch.empty(B, Hkv, T, D, dtype=torch.int8, device="cuda"),
+                torch.empty(B, Hkv, T, device="cuda"), rnd(B, Hkv, T, D))  # fmt: skip
+
+    def kernel(x, k8, ks, kf):  # noqa: ANN001
+        q, s = K.quantize_kv(x)
+        k8[:, :, t0 : t0 + S] = q
+        ks[:, :, t0 : t0 + S] = s
+        return k8
+
+    def ref(x, k8, ks, kf):  # noqa: ANN001
+        kf[:, :, t0 : t0 + S] = x
+        return kf
+
+    def check(x, k8, ks, kf):  # noqa: ANN001
+        kernel(x, k8, ks, kf)
+        sl = slice(t0, t0 + S)
+        return K.dequantize_kv(k8[:, :, sl], ks[:, :, sl], torch.float32), x.float()
+
+    return case(
+        "kv-write",
+        f"B={B} Hkv={Hkv} D={D} tokens={S}",
+        inputs,
+        kernel,
+        ref,
+        B * Hkv * S * (D * 3 + 4),
+        check=check,
+    )
 
 
 def tune_qmatmul() -> None:
@@ -379,22 +573,26 @@ GROUPS = {
     "rotary": bench_rotary,
     "act": bench_act,
     "qmatmul": bench_qmatmul,
+    "decode": bench_decode,
     "attention": bench_attention,
 }
 
 
+def _m(r: Row) -> int:
+    return int(r.case.split("M=")[1].split()[0])
+
+
 def summary(rows: list[Row]) -> list[str]:
-    """The issue's acceptance ratios for the int4 matmul: decode M <= 16, prefill M >= 2048."""
+    """The issue's acceptance ratios for the int4 matmul: decode M <= 16, prefill M >= 2048;
+    the decode variants (sum / last / best split of the sweep), and int8 against bf16 KV."""
     lines = []
-    for kind, pick, target in (
-        ("decode M<=16", lambda m: m <= 16, 1.5),
-        ("prefill M>=2048", lambda m: m >= 2048, 0.7),
+    for kind, groups, pick, target in (
+        ("decode M<=16", ("int4s", "int4a"), lambda m: m <= 16, 1.5),
+        ("prefill M>=2048", ("int4s", "int4a"), lambda m: m >= 2048, 0.7),
+        ("decode M<=16, 2 launches (sum)", ("int4s/sum", "int4a/sum"), lambda m: m <= 16, 1.5),
+        ("decode M<=16, 1 launch (last)", ("int4s/last", "int4a/last"), lambda m: m <= 16, 1.5),
     ):
-        sel = [
-            r
-            for r in rows
-            if r.group in ("int4s", "int4a") and pick(int(r.case.split("M=")[1].split()[0]))
-        ]
+        sel = [r for r in rows if r.group in groups and pick(_m(r))]
         if sel:
             worst = min(sel, key=lambda r: r.speedup)
             lines.append(
@@ -402,6 +600,41 @@ def summary(rows: list[Row]) -> list[str]:
                 f"({worst.group} {worst.case}), target >= x{target}: "
                 f"{'met' if worst.speedup >= target else 'NOT met'}"
             )
+    best: dict[str, Row] = {}  # sweep: best split per shape and M
+    for r in rows:
+        if r.group == "int4s/sweep":
+            key = r.case.rsplit(" split=", 1)[0]
+            if key not in best or r.us < best[key].us:
+                best[key] = r
+    if best:
+        worst = min(best.values(), key=lambda r: r.speedup)
+        lines.append(
+            f"int4 sym, best SPLIT_K of the sweep (last), M in (1, 16): min x{worst.speedup:.2f} "
+            f"({worst.case}); per shape: "
+            + ", ".join(f"{k.split(' N=')[0]} {v.case.rsplit('=', 1)[1]}" for k, v in best.items())
+        )
+    by = {(r.group, r.case): r for r in rows}
+    gains = [
+        (by[(g.replace("/sum", "/last"), c)].us, r.us, g, c)
+        for (g, c), r in by.items()
+        if g.endswith("/sum") and (g.replace("/sum", "/last"), c) in by
+    ]
+    if gains:
+        ratio = [s / max(u, 1e-9) for u, s, _, _ in gains]
+        saved = [s - u for u, s, _, _ in gains]
+        lines.append(
+            f"split-K sum -> last: time ratio sum/last {min(ratio):.2f}..{max(ratio):.2f} "
+            f"(median {sorted(ratio)[len(ratio) // 2]:.2f}), saved {min(saved):.1f}.."
+            f"{max(saved):.1f} us per call"
+        )
+    for r in rows:
+        if r.group == "attn-int8" and r.case.endswith(" magic"):
+            f16 = by.get(("attention", r.case.removesuffix(" magic")))
+            if f16 is not None:
+                lines.append(
+                    f"int8 KV vs bf16 KV kernel, {f16.case}: {r.us:.1f} vs {f16.us:.1f} us "
+                    f"(x{f16.us / r.us:.2f}); vs SDPA on the dequantized cache x{r.speedup:.2f}"
+                )
     return lines
 
 
@@ -451,6 +684,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{'wall':>7s} {'ref wall':>8s} {'GB/s':>6s} {'%HBM':>5s} {'TFLOP/s':>7s} check"
     )
     for r in rows:
+        if r.group.endswith("/sweep"):  # printed as they ran; in --json
+            continue
         print(
             f"{r.group:10s} {r.case:36s} {r.us:8.1f} {r.ref_us:8.1f} {r.speedup:7.2f} "
             f"{r.wall_us:7.1f} {r.ref_wall_us:8.1f} {r.gbps:6.0f} {100 * r.hbm_frac:5.0f} "

@@ -1,11 +1,15 @@
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
+import triton
+import triton.language as tl
 from kernel_testing import DEVICE, DTYPES, REL, randn, rel_err
 
-from kernels import decode_attention, decode_attention_ref
-from kernels.attention import decode_attention_oracle
+from kernels import decode_attention, decode_attention_ref, quantize_kv
+from kernels.attention import _i8_to, decode_attention_oracle, pick_splits
 
 
 def left_padding(B: int, length: int, gen: torch.Generator) -> torch.Tensor:
@@ -85,3 +89,137 @@ def test_scale_and_invalid(gen):
         decode_attention(q, k, v, 20, torch.ones(1, 19, dtype=torch.bool))
     with pytest.raises(AssertionError, match="dtypes"):
         decode_attention(q, k.half(), v.half(), 20)
+
+
+def int8_cache(B: int, Hkv: int, T: int, D: int, L: int, gen: torch.Generator):
+    """int8 k, v [B, Hkv, T, D] and float32 scales [B, Hkv, T] of random float caches; past L
+    the codes are random and the scales NaN (never written: must never reach the result)."""
+    out = []
+    for _ in range(2):
+        x = randn(B, Hkv, T, D, gen=gen) * (torch.rand(B, Hkv, T, 1, generator=gen) + 0.2)
+        qx, s = quantize_kv(x.to(DEVICE))
+        qx[:, :, L:] = torch.randint(-127, 128, qx[:, :, L:].shape, generator=gen).to(qx)
+        s[:, :, L:] = float("nan")
+        out += [qx, s]
+    return out  # k, k_scale, v, v_scale
+
+
+# (B, H, Hkv, D, T_max, length, splits): GQA ratios 1, 4, 8; lengths not multiples of the
+# 64-key block; forced and heuristic key chunks.
+INT8_CASES = [
+    (2, 4, 4, 64, 100, 77, None),
+    (3, 8, 2, 80, 300, 290, 3),
+    (1, 8, 1, 32, 70, 1, None),
+    (2, 16, 2, 64, 200, 135, 2),
+    (1, 32, 4, 32, 130, 129, 5),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", INT8_CASES, ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("convert", ["magic", "cvt"])
+def test_int8_cache_matches_float64(gen, dtype, case, masked, convert, monkeypatch):
+    monkeypatch.setattr(sys.modules["kernels.attention"], "INT8_CONVERT", convert)
+    B, H, Hkv, D, T, L, splits = case
+    q = randn(B, H, 1, D, gen=gen, dtype=dtype)
+    k, ks, v, vs = int8_cache(B, Hkv, T, D, L, gen)
+    mask = left_padding(B, L, gen) if masked else None
+    scales = dict(k_scale=ks, v_scale=vs)
+    o = decode_attention(q, k, v, L, mask, splits=splits, **scales)
+    assert o.shape == (B, H, 1, D) and o.dtype == dtype
+    want = decode_attention_oracle(q, k, v, L, mask, **scales)  # on the dequantized cache
+    assert rel_err(o, want) < REL[dtype]
+    assert rel_err(decode_attention_ref(q, k, v, L, mask, **scales), want) < REL[dtype]
+    # The length as a device tensor (int32 and int64): the same bits, launch sized from T_max.
+    full_mask = None
+    if masked:
+        full_mask = torch.zeros(B, T, dtype=torch.bool, device=DEVICE)
+        full_mask[:, :L] = mask
+    n_chunks = splits or pick_splits(B * Hkv, T, torch.device(DEVICE))  # as for the tensor
+    o_int = decode_attention(q, k, v, L, full_mask, splits=n_chunks, **scales)
+    for ldt in (torch.int32, torch.int64):
+        n = torch.tensor(L, dtype=ldt, device=DEVICE)
+        assert torch.equal(decode_attention(q, k, v, n, full_mask, splits=splits, **scales), o_int)
+    assert rel_err(o_int, want) < REL[dtype]
+
+
+def test_int8_vs_float_cache(gen):
+    """The int8 cache gives the float cache's attention within the quantization error."""
+    B, H, Hkv, D, T, L = 2, 8, 2, 64, 150, 150
+    q = randn(B, H, 1, D, gen=gen)
+    kf, vf = randn(B, Hkv, T, D, gen=gen), randn(B, Hkv, T, D, gen=gen)
+    (k, ks), (v, vs) = quantize_kv(kf), quantize_kv(vf)
+    o8 = decode_attention(q, k, v, L, k_scale=ks, v_scale=vs)
+    of = decode_attention(q, kf, vf, L)
+    assert rel_err(o8, of) < 2e-2  # ~0.5% per-element quantization noise, averaged
+    assert rel_err(of, decode_attention_oracle(q, kf, vf, L)) < REL[torch.float32]
+
+
+@pytest.mark.parametrize("kv", ["float", "int8"])
+@pytest.mark.parametrize("splits", [None, 1, 3, 5])
+def test_length_tensor_equals_int(gen, kv, splits):
+    """A device-tensor length gives exactly the int length's result, across lengths that are
+    and are not multiples of the block, and a whole launch sized from T_max (chunks past the
+    length contribute nothing)."""
+    B, H, Hkv, D, T = 2, 8, 2, 32, 260
+    q = randn(B, H, 1, D, gen=gen, dtype=torch.bfloat16)
+    if kv == "int8":
+        k, ks, v, vs = int8_cache(B, Hkv, T, D, T, gen)
+        scales = dict(k_scale=ks, v_scale=vs)
+    else:
+        k, v = (randn(B, Hkv, T, D, gen=gen, dtype=torch.bfloat16) for _ in range(2))
+        scales = {}
+    mask = left_padding(B, T, gen)
+    mask[1, :3] = False
+    n = torch.zeros((), dtype=torch.int32, device=DEVICE)
+    for L in (1, 64, 65, 129, 200, 260):
+        n.fill_(L)  # in place, as a captured graph would see it
+        o_t = decode_attention(q, k, v, n, mask, splits=splits, **scales)
+        n_chunks = splits or pick_splits(B * Hkv, T, torch.device(DEVICE))
+        o_i = decode_attention(q, k, v, L, mask, splits=n_chunks, **scales)
+        assert torch.equal(o_t, o_i), L
+        want = decode_attention_oracle(q, k, v, L, mask, **scales)
+        assert rel_err(o_t, want) < REL[torch.bfloat16]
+
+
+def test_length_tensor_out_of_range_and_invalid(gen):
+    B, H, Hkv, D, T = 1, 4, 2, 16, 40
+    q = randn(B, H, 1, D, gen=gen)
+    k, v = randn(B, Hkv, T, D, gen=gen), randn(B, Hkv, T, D, gen=gen)
+    zero = decode_attention(q, k, v, torch.tensor([0], device=DEVICE))
+    assert torch.equal(zero, torch.zeros_like(zero))  # no key: zeros
+    big = decode_attention(q, k, v, torch.tensor(T + 9, device=DEVICE))  # clamped to T_max
+    assert rel_err(big, decode_attention_oracle(q, k, v, T)) < REL[torch.float32]
+    with pytest.raises(AssertionError, match="length"):
+        decode_attention(q, k, v, torch.tensor([3.0], device=DEVICE))
+    with pytest.raises(AssertionError, match="length"):
+        decode_attention(q, k, v, torch.tensor([3, 4], device=DEVICE))
+    with pytest.raises(AssertionError, match="key_mask"):  # must cover T_max with a tensor
+        mask = torch.ones(B, T - 1, dtype=torch.bool, device=DEVICE)
+        decode_attention(q, k, v, torch.tensor(5, device=DEVICE), mask)
+    (k8, ks), (v8, vs) = quantize_kv(k), quantize_kv(v)
+    with pytest.raises(AssertionError, match="need k_scale"):
+        decode_attention(q, k8, v8, 5)
+    with pytest.raises(AssertionError, match="v_scale"):
+        decode_attention(q, k8, v8, 5, k_scale=ks, v_scale=vs[..., :-1])
+    with pytest.raises(AssertionError, match="int8 caches only"):
+        decode_attention(q, k, v, 5, k_scale=ks, v_scale=vs)
+
+
+@triton.jit
+def _i8_to_probe(X, Y, DT: tl.constexpr, MAGIC: tl.constexpr):
+    i = tl.arange(0, 256)
+    tl.store(Y + i, _i8_to(tl.load(X + i), DT, MAGIC).to(tl.float32))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("magic", [True, False])
+def test_int8_conversion_exact(dtype, magic):
+    """Every int8 code converts exactly, by either conversion (the float16 and bfloat16 magic
+    paths too, which the attention kernel only takes on the GPU)."""
+    x = torch.arange(-128, 128, dtype=torch.int16).to(torch.int8).to(DEVICE)
+    y = torch.empty(256, dtype=torch.float32, device=DEVICE)
+    dt = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+    _i8_to_probe[(1,)](x, y, DT=dt[dtype], MAGIC=magic)
+    assert torch.equal(y, x.float())

@@ -12,6 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from kernels.kv_quant import dequantize_kv, quantize_kv
 from zeroinf.models.base import Context, LayerKV, QuantWeight
 from zeroinf.models.config import ModelConfig, Rope
 
@@ -179,6 +180,22 @@ def attend(
     """
     B, H, S, D = q.shape
     write_kv(kv, ctx, k, v)
+    if S == 1 and ctx.write_index is not None and q.is_cuda:
+        import kernels
+
+        if kernels.HAS_TRITON_GPU:  # GQA without expanding kv heads, int8 read in the kernel
+            key_mask = window_mask(ctx, window)[:, 0, 0]  # [B, T_max]
+            o = kernels.decode_attention(
+                q,
+                kv.k,
+                kv.v,
+                kv.k.shape[2],
+                key_mask=key_mask,
+                scale=scale,
+                k_scale=kv.k_scale,
+                v_scale=kv.v_scale,
+            )
+            return o.view(B, 1, H * D)  # o [B, H, 1, D] contiguous  # fmt: skip
     end = None if ctx.write_index is not None else ctx.start + S
     keys, values = read_kv(kv, end, q.dtype)  # [B, Hkv, T, D]
     n_rep = H // keys.shape[1]
@@ -212,9 +229,7 @@ def write_kv(kv: LayerKV, ctx: Context, k: torch.Tensor, v: torch.Tensor) -> Non
             cache.index_copy_(2, ctx.write_index, x)
 
 
-def read_kv(
-    kv: LayerKV, end: int | None, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
+def read_kv(kv: LayerKV, end: int | None, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys and values of cache indices 0 .. end-1 (all of them when end is None) in `dtype`:
     each [B, Hkv, T, D]."""
     if kv.quantized:
@@ -224,21 +239,6 @@ def read_kv(
             dequantize_kv(kv.v[:, :, :end], kv.v_scale[:, :, :end], dtype),
         )
     return kv.k[:, :, :end].to(dtype), kv.v[:, :, :end].to(dtype)
-
-
-def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [..., D] float -> (int8 [..., D], float32 scale [...]): symmetric per vector, scale =
-    absmax / 127, so |x - q * scale| <= scale / 2. An all-zero vector gets scale 0."""
-    xf = x.float()
-    s = xf.abs().amax(-1) / 127.0
-    q = (xf / torch.where(s > 0, s, 1.0)[..., None]).round().clamp(-127, 127).to(torch.int8)
-    return q, s
-
-
-def dequantize_kv(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(int8 [..., D], float32 [...]) -> [..., D] in dtype. The product is taken in `dtype`
-    (int8 values are exact in float16/bfloat16): no float32 copy of a whole cache."""
-    return q.to(dtype) * s.to(dtype)[..., None]
 
 
 def precompute(ctx: Context, cfg: ModelConfig, dtype: torch.dtype) -> None:
