@@ -17,6 +17,19 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _probe_cache(tmp_path_factory: pytest.TempPathFactory):
+    """The machine probe's cache (zeroinf/engine/probe.py) in a session folder, not in the home
+    of whoever runs the tests (subprocesses inherit it through the environment)."""
+    old = os.environ.get("ZEROINF_CACHE_DIR")
+    os.environ["ZEROINF_CACHE_DIR"] = str(tmp_path_factory.mktemp("probe-cache"))
+    yield
+    if old is None:
+        del os.environ["ZEROINF_CACHE_DIR"]
+    else:
+        os.environ["ZEROINF_CACHE_DIR"] = old
+
+
 def save_bin_variant(model: torch.nn.Module, folder: Path, shards: int = 2) -> None:
     """pytorch_model-0000i-of-0000n.bin shards + pytorch_model.bin.index.json, as transformers 4
     wrote them with safe_serialization=False (transformers 5 only writes safetensors). Tied

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -12,9 +13,12 @@ from typing import Any
 import torch
 import torch.distributed
 
+from zeroinf.engine import costmodel
+from zeroinf.engine.autoplan import auto_plan, check_batch_args, whole_budget
+from zeroinf.engine.costmodel import Budgets, Workload
 from zeroinf.engine.distributed import RankGroup, group_from_env, rank_device
 from zeroinf.engine.executor import Executor
-from zeroinf.engine.generate import GenerationConfig, GenerationStats, generate
+from zeroinf.engine.generate import DecodeState, GenerationConfig, GenerationStats, generate
 from zeroinf.engine.kvcache import check_kv_dtype, kv_token_bytes, new_kv_cache
 from zeroinf.engine.plan import Plan, make_plan
 from zeroinf.engine.prefetcher import Prefetcher, Trace, measure_h2d
@@ -45,7 +49,8 @@ class Model:
         self.checkpoint, self.plan, self.device, self.group = ckpt, plan, device, group
         self.prefill_tokens = prefill_tokens
         self.kv_dtype = check_kv_dtype(kv_dtype)
-        self.micro_batch: int | None = None  # decode rows per micro-batch (None: all at once)
+        self.micro_batch: int | None = plan.micro_batch  # decode rows per micro-batch (None: all)
+        self.batch_size: int | None = plan.batch  # rows the plan serves (None: not planned)
         self.config = ModelConfig.from_hf(ckpt.config)
         self.family = get_family(self.config.model_type)
         self.dtype = DTYPES[ckpt.manifest.dtype]
@@ -56,6 +61,7 @@ class Model:
         self.load_s = time.perf_counter() - t0
         self.executor = Executor(self.prefetcher, self.family, self.config)
         self.last_stats: GenerationStats | None = None
+        self._decode = DecodeState()  # KV cache and CUDA graphs, reused by same-shaped calls
         gen_cfg = ckpt.path / "generation_config.json"
         self._pad_default = _pad_token(ckpt.config, gen_cfg)
 
@@ -112,7 +118,9 @@ class Model:
             seed=tuple(seed) if isinstance(seed, list) else seed,
             pad_token_id=self._pad_default if pad_token_id is None else pad_token_id,
         )  # fmt: skip
-        self._check_kv_fits(ids.shape[0], total)
+        if not self._decode.matches((ids.shape[0], total, self.micro_batch or ids.shape[0])):
+            self._decode.clear()  # another shape: free the last call's cache first
+            self._check_kv_fits(ids.shape[0], total)
         passes = self.group.agree_passes(max_new_tokens) if self.group else None
         out, self.last_stats = generate(
             self.executor,
@@ -124,6 +132,7 @@ class Model:
             passes=passes,
             prefill_tokens=self.prefill_tokens,
             decode_rows=self.micro_batch,
+            state=self._decode,
         )
         return out.to(ids.device)
 
@@ -138,16 +147,22 @@ class Model:
         top_k: int = 0,
         top_p: float = 1.0,
         eos_token_id: int | list[int] | None = None,
+        cache_tokens: int | None = None,
     ) -> Iterator[tuple[Request, list[int]]]:
         """Continuous refill (engine/refill.py): up to `batch_size` prompts in flight; when one
         finishes, the next prompt's prefill joins the running rows' decode in the same weight
         pass. Yields (request, new token ids) in the order rows finish; a prompt given as a
         list of ids becomes Request(ids, max_new_tokens, key=its index). Greedy results equal
-        one-prompt-at-a-time generate(); sampled rows use their request's own seed."""
+        one-prompt-at-a-time generate(); sampled rows use their request's own seed.
+
+        cache_tokens: KV cache length per row (default: twice the longest prompt + its new
+        tokens, capped at the model's positions); a shorter cache, down to the longest request,
+        saves memory for more rows at the price of more frequent compactions (each one copy of
+        the cache). Under torchrun each rank streams its own prompts, agreeing with the other
+        ranks before every forward pass; a rank whose prompts are done returns, and its next
+        call or finish() keeps joining the others' passes."""
         if self.prefetcher is None:
             raise ConfigError("model is closed")
-        if self.group is not None:
-            raise ConfigError("generate_stream: not yet available under torchrun (use generate)")
         reqs = [
             p if isinstance(p, Request) else Request(list(p), max_new_tokens, key=i)
             for i, p in enumerate(prompts)
@@ -164,9 +179,16 @@ class Model:
             top_p=top_p, eos_token_id=eos, pad_token_id=self._pad_default,
         )  # fmt: skip
         cache = min(self.config.max_positions, 2 * longest)  # room to compact rarely
+        if cache_tokens is not None:
+            if not longest <= cache_tokens <= self.config.max_positions:
+                raise ConfigError(
+                    f"cache_tokens {cache_tokens}: must hold the longest prompt + new tokens "
+                    f"({longest}) and fit the model's {self.config.max_positions} positions"
+                )
+            cache = cache_tokens
         self._check_kv_fits(batch_size, cache)
         yield from generate_refill(
-            self.executor, reqs, gc, batch_size, self._new_kv, self.device, cache
+            self.executor, reqs, gc, batch_size, self._new_kv, self.device, cache, self.group
         )
 
     def _check_kv_fits(self, batch: int, tokens: int) -> None:
@@ -198,6 +220,7 @@ class Model:
     def close(self) -> None:
         if self.prefetcher is not None:
             self.finish()
+            self._decode.clear()
             self.executor.release_views()  # the cached views would keep the buffers alive
             self.prefetcher.close()
             self.prefetcher = None
@@ -249,6 +272,10 @@ def load(
     trace: Trace | None = None,
     prefill_tokens: int = 2048,
     kv_dtype: str | None = None,
+    batch_size: int | str | None = None,
+    prompt_len: int | None = None,
+    max_new_tokens: int | None = None,
+    max_batch_size: int = 1024,
 ) -> Model:
     """Load a zeroinf checkpoint (or a plain Hugging Face folder, converted once into a cache
     folder) for layer-streaming generation. See README.md for every argument."""
@@ -263,6 +290,7 @@ def load(
     if offload not in ("cpu", "nvme"):
         raise ConfigError(f"offload={offload!r}: must be 'cpu' or 'nvme'")
     check_kv_dtype(kv_dtype)
+    auto = check_batch_args(batch_size, prompt_len, max_new_tokens)
     dtype_name = _dtype_name(dtype)
     cache = Path(nvme_dir) if offload == "nvme" and nvme_dir is not None else None
     first = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
@@ -279,24 +307,34 @@ def load(
             f"convert it with `zeroinf-convert SRC DST --dtype {dtype_name}`"
         )
     _check_shapes(ckpt)
-    budget = parse_bytes(gpu_memory, "gpu_memory")
-    if budget is None:
-        budget = sum(u.nbytes for u in ckpt.units)  # everything resident
-    h2d = measure_h2d(device) if device.type == "cuda" else None
-    cfg = ModelConfig.from_hf(ckpt.config)
-    itemsize = DTYPES[ckpt.manifest.dtype].itemsize
-    # On a GPU the budget also holds the activations of one prefill chunk (decode's are smaller).
-    workspace = workspace_bytes(cfg, itemsize, prefill_tokens) if device.type == "cuda" else 0
-    plan = make_plan(
-        [(u.name, u.nbytes) for u in ckpt.units],
-        budget,
-        offload,
-        prefetch,
-        str(device),
-        h2d,
-        world=group.world if group else 1,
-        workspace=workspace,
-    )
+    if auto:
+        # gpu_memory is the whole device budget: the planner sizes weights, KV and batch in it
+        work = Workload(prompt_len, max_new_tokens, prefill_tokens, max_batch_size)
+        budgets = Budgets(whole_budget(gpu_memory, device), parse_bytes(cpu_memory, "cpu_memory"),
+                          offload, prefetch, group.world if group else 1)  # fmt: skip
+        plan = auto_plan(ckpt, device, work, budgets, kv_dtype, io_backend)
+    else:
+        budget = parse_bytes(gpu_memory, "gpu_memory")
+        if budget is None:
+            budget = sum(u.nbytes for u in ckpt.units)  # everything resident
+        h2d = measure_h2d(device) if device.type == "cuda" else None
+        cfg = ModelConfig.from_hf(ckpt.config)
+        itemsize = DTYPES[ckpt.manifest.dtype].itemsize
+        # On a GPU the budget also holds the activations of one prefill chunk (decode's are
+        # smaller).
+        workspace = workspace_bytes(cfg, itemsize, prefill_tokens) if device.type == "cuda" else 0
+        plan = make_plan(
+            [(u.name, u.nbytes) for u in ckpt.units],
+            budget,
+            offload,
+            prefetch,
+            str(device),
+            h2d,
+            world=group.world if group else 1,
+            workspace=workspace,
+        )
+        if batch_size is not None:  # the rows it serves, one micro-batch; the budget as above
+            plan = dataclasses.replace(plan, micro_batch=batch_size)
     cpu_budget = parse_bytes(cpu_memory, "cpu_memory")
     if offload == "cpu" and cpu_budget is not None and plan.streamed_bytes > cpu_budget:
         raise PlanError(
@@ -347,13 +385,9 @@ def _check_host_memory(plan: Plan, device: torch.device) -> None:
 
 
 def workspace_bytes(cfg: ModelConfig, itemsize: int, tokens: int) -> int:
-    """Device bytes for the activations of `tokens` tokens inside one unit: hidden states,
-    residual, normed input, q/k/v, attention output (~8 x D), the MLP's gate, up and product
-    (3 x F, for each active expert), with a quarter more for the attention kernel's own
-    workspace; plus float32 logits and sampling buffers for up to 256 rows."""
-    ffn = cfg.intermediate_size * max(1, cfg.experts_per_token)
-    per_token = (8 * cfg.hidden_size + 3 * ffn) * itemsize
-    return int(1.25 * tokens * per_token) + 2 * 256 * cfg.vocab_size * 4
+    """Device bytes for the activations of `tokens` tokens inside one unit, plus logits and
+    sampling buffers for up to 256 rows (engine/costmodel.py)."""
+    return costmodel.workspace_bytes(cfg, itemsize, tokens)
 
 
 def _dtype_name(dtype: str | torch.dtype | None) -> str | None:

@@ -58,8 +58,15 @@ def test_cuda_graphs_equal_eager(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     cache, decode in micro-batches of 3 rows over streamed and resident units)."""
     from zeroinf.convert import Quantization
 
-    save_tiny_hf(tmp_path / "hf", "llama", seed=4, hidden_size=256, intermediate_size=512,
-                 num_attention_heads=4, num_key_value_heads=2)
+    save_tiny_hf(
+        tmp_path / "hf",
+        "llama",
+        seed=4,
+        hidden_size=256,
+        intermediate_size=512,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     quant = Quantization(quantize, group_size=64) if quantize else None
     ckpt = convert(tmp_path / "hf", tmp_path / "zi", progress=False, dtype="bfloat16",
                    quantize=quant)  # fmt: skip

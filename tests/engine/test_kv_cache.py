@@ -83,3 +83,20 @@ def test_decode_micro_batches_identical(tmp_path: Path, rows: int) -> None:
         model.micro_batch = rows
         got = model.generate(ids, attention_mask=mask, max_new_tokens=NEW)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_int8_kv_refill_equals_one_at_a_time(tmp_path: Path) -> None:
+    """Continuous refill moves an int8 cache's scales with its values (cache compaction)."""
+    save_tiny_hf(tmp_path / "hf", "llama", seed=5)
+    path = convert(tmp_path / "hf", tmp_path / "zi", progress=False)
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(4, 64, (int(n),), generator=g).tolist() for n in (5, 9, 3, 7, 4)]
+    with zeroinf.load(path, device="cpu", gpu_memory=None, kv_dtype="int8") as model:
+        want = [model.generate([p], max_new_tokens=6)[0, len(p) :].tolist() for p in prompts]
+        got = dict(
+            (req.key, toks)
+            for req, toks in model.generate_stream(
+                prompts, batch_size=2, max_new_tokens=6, cache_tokens=16
+            )  # fmt: skip
+        )
+    assert [got[i] for i in range(len(prompts))] == want

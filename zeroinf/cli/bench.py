@@ -4,77 +4,25 @@ or a converted checkpoint, next to the roofline measured on this machine in the 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from zeroinf.errors import ZeroInfError
 from zeroinf.sizes import parse_bytes
 
+if TYPE_CHECKING:
+    from zeroinf.engine.costmodel import Prediction
+    from zeroinf.engine.plan import Plan
+    from zeroinf.engine.probe import Rates
+    from zeroinf.format import Checkpoint
+
 GB = 1e9
-
-
-def measure_machine(device: torch.device, k: int, n: int, dtype: torch.dtype) -> dict[str, float]:
-    """Matmul rate at the model's shape, device copy bandwidth, and H2D bandwidth."""
-    from zeroinf.engine.prefetcher import measure_h2d
-
-    def timed(fn: Any, repeat: int = 10) -> float:
-        fn()
-        if device.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            for _ in range(repeat):
-                fn()
-            b.record()
-            b.synchronize()
-            return a.elapsed_time(b) / 1e3 / repeat
-        t = time.perf_counter()
-        for _ in range(repeat):
-            fn()
-        return (time.perf_counter() - t) / repeat
-
-    m = 8192 if device.type == "cuda" else 256
-    x = torch.randn(m, k, device=device).to(dtype)
-    w = torch.randn(n, k, device=device).to(dtype)
-    flops = 2 * m * k * n / timed(lambda: x @ w.T)
-    size = (2 << 30) if device.type == "cuda" else (64 << 20)
-    src = torch.randn(size // 4, device=device)
-    dst = torch.empty_like(src)
-    hbm = 2 * size / timed(lambda: dst.copy_(src))
-    if device.type == "cuda":
-        h2d = measure_h2d(device, nbytes=512 << 20)
-    else:
-        h2d = hbm / 2  # a host "transfer" is a memcpy: read + write of the same bytes
-    return {"flops": flops, "hbm_bytes_per_s": hbm, "h2d_bytes_per_s": h2d}
-
-
-def drop_page_cache() -> bool:
-    try:
-        os.sync()
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        return True
-    except OSError:
-        return False
-
-
-def measure_disk(ckpt: Any, io_backend: str | None) -> float:
-    """O_DIRECT read bandwidth of the checkpoint's unit files (page cache dropped if allowed)."""
-    from zeroinf.io import aligned_empty, open_reader
-
-    units = sorted(ckpt.units, key=lambda u: -u.nbytes)[:4]
-    buf = aligned_empty(units[0].nbytes, pin=False)
-    drop_page_cache()
-    with open_reader(io_backend) as r:
-        t = time.perf_counter()
-        for u in units:
-            r.submit(ckpt.unit_path(u), 0, buf[: u.nbytes]).wait()
-        dt = time.perf_counter() - t
-    return sum(u.nbytes for u in units) / dt
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -85,9 +33,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--path", help="a converted checkpoint or HF folder instead of a shape")
     p.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
     p.add_argument("--offload", choices=("cpu", "nvme"), default="cpu")
-    p.add_argument("--gpu-memory", default="12GiB", help="device budget for weights")
+    p.add_argument("--gpu-memory", default="12GiB",
+                   help="device budget for weights, slots and activations; with --batch-size "
+                   "auto the whole budget, KV cache included")  # fmt: skip
     p.add_argument("--nvme-dir", help="where --offload nvme writes the shape's unit files")
-    p.add_argument("--batch-size", default="32", help="one size, or several: 8,16,32 (a sweep)")
+    p.add_argument("--batch-size", default="32",
+                   help="one size, several (8,16,32: a sweep), or 'auto': the planner's choice "
+                   "for the whole --gpu-memory budget")  # fmt: skip
+    p.add_argument("--plan-only", action="store_true",
+                   help="print the plan and its predicted prefill, decode step and tok/s; "
+                   "generate nothing")  # fmt: skip
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--gen-len", type=int, default=32)
     p.add_argument("--prefetch", type=int, default=2)
@@ -102,11 +57,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--kv-dtype", choices=("int8",), help="KV cache stored as int8 (lossy)")
     p.add_argument("--plot", help="draw tok/s and the roofline against batch size into this PNG")
     a = p.parse_args(argv)
+    a.auto = a.batch_size == "auto"
     try:
-        a.batch_sizes = [int(b) for b in str(a.batch_size).split(",")]
+        a.batch_sizes = [] if a.auto else [int(b) for b in str(a.batch_size).split(",")]
     except ValueError:
-        p.error(f"--batch-size {a.batch_size!r}: integers, comma-separated")
-    a.batch_size = max(a.batch_sizes)
+        p.error(f"--batch-size {a.batch_size!r}: 'auto', or integers, comma-separated")
     if a.plot:
         try:
             import matplotlib  # noqa: F401
@@ -148,8 +103,9 @@ def write_shape(shape: str, dtype: torch.dtype, folder: str) -> str:
 def run(a: argparse.Namespace) -> list[dict[str, Any]]:
     import zeroinf
     from zeroinf.api import Model
+    from zeroinf.engine.autoplan import probe_checkpoint
     from zeroinf.engine.distributed import group_from_env, rank_device
-    from zeroinf.engine.plan import make_plan
+    from zeroinf.engine.probe import drop_page_cache
     from zeroinf.format import DTYPES, Checkpoint
     from zeroinf.synthetic import SyntheticCheckpoint
 
@@ -161,70 +117,125 @@ def run(a: argparse.Namespace) -> list[dict[str, Any]]:
     if a.path:
         from zeroinf.convert import ensure_converted
 
-        disk = measure_disk(Checkpoint(ensure_converted(a.path, progress=False)), a.io_backend)
+        ckpt = Checkpoint(ensure_converted(a.path, progress=False))
+    elif a.offload == "nvme":
+        folder = a.nvme_dir or os.path.join(os.getcwd(), ".zeroinf-bench")
+        ckpt = Checkpoint(write_shape(a.model, dtype, folder))
+    else:
+        quant = None
+        if a.quantize:
+            from zeroinf.convert import Quantization
+
+            quant = Quantization(int(a.quantize[3:]), a.group_size, head=a.quantize_head)
+        ckpt = SyntheticCheckpoint(a.model, dtype, quant=quant)
+    # Measured now, so the roofline is of this run; cached, so zeroinf.load plans from it too.
+    # The disk: the NVMe tier streams from it, and a --path load reads the checkpoint from it.
+    disk = a.path is not None or a.offload == "nvme"
+    rates = probe_checkpoint(ckpt, device, disk, a.io_backend, refresh=True)
+    model = None
+    if a.path and not a.plan_only:
         drop_page_cache()  # time to first token from a cold checkpoint
         model = zeroinf.load(a.path, device=device, offload=a.offload, gpu_memory=a.gpu_memory,
                              prefetch=a.prefetch, io_backend=a.io_backend,
-                             prefill_tokens=a.prefill_tokens, kv_dtype=a.kv_dtype)  # fmt: skip
-        ckpt = model.checkpoint
+                             prefill_tokens=a.prefill_tokens, kv_dtype=a.kv_dtype,
+                             batch_size="auto" if a.auto else None, prompt_len=a.prompt_len,
+                             max_new_tokens=a.gen_len)  # fmt: skip
+        plan, load_s = model.plan, model.load_s
     else:
-        if a.offload == "nvme":
-            folder = a.nvme_dir or os.path.join(os.getcwd(), ".zeroinf-bench")
-            ckpt = Checkpoint(write_shape(a.model, dtype, folder))
-        else:
-            quant = None
-            if a.quantize:
-                from zeroinf.convert import Quantization
-
-                quant = Quantization(int(a.quantize[3:]), a.group_size, head=a.quantize_head)
-            ckpt = SyntheticCheckpoint(a.model, dtype, quant=quant)
-        ckpt_units = [(u.name, u.nbytes) for u in ckpt.units]
-        budget = parse_bytes(a.gpu_memory, "--gpu-memory")
-        from zeroinf.api import workspace_bytes
-        from zeroinf.models import ModelConfig
-
-        ws = workspace_bytes(ModelConfig.from_hf(ckpt.config), dtype.itemsize, a.prefill_tokens)
-        ws = ws if device.type == "cuda" else 0
-        plan = make_plan(ckpt_units, budget, a.offload, a.prefetch, str(device), workspace=ws,
-                         world=group.world if group else 1)  # fmt: skip
-        model = None
-    cfg_dict = ckpt.config
-    hidden = cfg_dict["hidden_size"]
-    ffn = cfg_dict.get("intermediate_size") or cfg_dict.get("ffn_dim") or 4 * hidden
-    mach = measure_machine(device, hidden, ffn, dtype)
-    if not a.path:
-        disk = measure_disk(ckpt, a.io_backend) if a.offload == "nvme" else None
+        plan = bench_plan(a, ckpt, device, group.world if group else 1, rates)
+    batches = [plan.batch] if a.auto else a.batch_sizes
+    if a.plan_only:
+        return [plan_only(a, plan, ckpt, rates, b) for b in batches]
     if model is None:
-        from dataclasses import replace
-
-        plan = replace(plan, h2d_bytes_per_s=mach["h2d_bytes_per_s"])
         if a.offload == "nvme":
             drop_page_cache()
         t = time.perf_counter()
         model = Model(ckpt, plan, device, io_backend=a.io_backend, prefill_tokens=a.prefill_tokens,
                       group=group, kv_dtype=a.kv_dtype)  # fmt: skip
         load_s = time.perf_counter() - t
-    else:
-        load_s = model.load_s
     print(model.plan, flush=True)
     results = []
-    for batch in a.batch_sizes:
-        results.append(measure(a, model, ckpt, mach, disk, load_s, batch))
+    for batch in batches:
+        results.append(measure(a, model, ckpt, rates, load_s, batch))
     model.close()
     return results
+
+
+def bench_plan(
+    a: argparse.Namespace, ckpt: Checkpoint, device: torch.device, world: int, rates: Rates
+) -> Plan:
+    """The plan zeroinf.load would make: --batch-size auto plans the whole --gpu-memory budget
+    (engine/costmodel.py); a given batch keeps the budget for weights, slots and activations."""
+    from dataclasses import replace
+
+    from zeroinf.api import workspace_bytes
+    from zeroinf.engine.autoplan import auto_plan
+    from zeroinf.engine.costmodel import Budgets, Workload
+    from zeroinf.engine.plan import make_plan
+    from zeroinf.format import DTYPES
+    from zeroinf.models import ModelConfig
+
+    budget = parse_bytes(a.gpu_memory, "--gpu-memory")
+    if a.auto:
+        work = Workload(a.prompt_len, a.gen_len, a.prefill_tokens)
+        budgets = Budgets(budget, None, a.offload, a.prefetch, world)
+        return auto_plan(ckpt, device, work, budgets, a.kv_dtype, rates=rates)
+    itemsize = DTYPES[ckpt.manifest.dtype].itemsize
+    ws = workspace_bytes(ModelConfig.from_hf(ckpt.config), itemsize, a.prefill_tokens)
+    ws = ws if device.type == "cuda" else 0
+    plan = make_plan([(u.name, u.nbytes) for u in ckpt.units], budget, a.offload, a.prefetch,
+                     str(device), workspace=ws, world=world)  # fmt: skip
+    return replace(plan, h2d_bytes_per_s=rates.h2d_bytes_per_s)
+
+
+def predicted(
+    a: argparse.Namespace, plan: Plan, ckpt: Checkpoint, rates: Rates, batch: int
+) -> Prediction:
+    """The cost model's prediction for `batch` rows under `plan`."""
+    from zeroinf.engine.costmodel import ModelSize, Workload, predict
+
+    size = ModelSize.from_checkpoint(ckpt, a.kv_dtype)
+    work = Workload(a.prompt_len, a.gen_len, a.prefill_tokens)
+    return predict(plan, size, rates, work, batch, plan.micro_batch)
+
+
+def plan_only(
+    a: argparse.Namespace, plan: Plan, ckpt: Checkpoint, rates: Rates, batch: int
+) -> dict[str, Any]:
+    """--plan-only: the plan and its prediction, nothing generated."""
+    pred = predicted(a, plan, ckpt, rates, batch)
+    print(plan, flush=True)
+    print(f"  batch {batch}, prompt {a.prompt_len}, gen {a.gen_len}: predicted prefill "
+          f"{pred.prefill_s:.4g} s, decode step {pred.step_s:.4g} s, {pred.tok_s:.4g} tok/s",
+          flush=True)  # fmt: skip
+    return {
+        "model": a.path or a.model, "device": str(plan.device), "offload": a.offload,
+        "batch": batch, "micro_batch": plan.micro_batch or batch, "prefetch": plan.prefetch,
+        "prompt_len": a.prompt_len, "gen_len": a.gen_len, "gpu_budget": plan.gpu_budget,
+        "gpu_bytes": plan.gpu_bytes, "resident_bytes": plan.resident_bytes,
+        "streamed_bytes_per_pass": plan.streamed_bytes, "kv_bytes": plan.kv_bytes,
+        "measured": dataclasses.asdict(rates), "predicted_prefill_s": pred.prefill_s,
+        "predicted_step_s": pred.step_s, "predicted_tok_per_s": pred.tok_s,
+    }  # fmt: skip
 
 
 def measure(
     a: argparse.Namespace,
     model: Any,
-    ckpt: Any,
-    mach: dict[str, float],
-    disk: float | None,
+    ckpt: Checkpoint,
+    rates: Rates,
     load_s: float,
     batch: int,
 ) -> dict[str, Any]:
-    """Warm up, then one timed generate of `batch` rows, beside its roofline."""
+    """Warm up, then one timed generate of `batch` rows, beside its roofline and the cost
+    model's prediction (from the rates measured before the run, as a load would plan)."""
+    from zeroinf.engine.probe import drop_page_cache
     from zeroinf.engine.roofline import Machine, ModelCost, roofline_seconds
+
+    pred = predicted(a, model.plan, ckpt, rates, batch)
+    mach = dataclasses.asdict(rates)
+    disk = mach.pop("disk_bytes_per_s")
+    del mach["device_name"]
 
     device = model.device
     vocab = model.config.vocab_size
@@ -232,7 +243,11 @@ def measure(
     ids = torch.randint(4, vocab, (batch, a.prompt_len), generator=gen)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    model.generate(ids, max_new_tokens=2)  # warm-up: kernels, allocator, cuBLAS handles
+    # Warm-up of the same shape: kernels compiled, cuBLAS handles made, and the KV cache and
+    # decode's CUDA graphs captured once, then reused by the timed call (as by every later
+    # same-shaped batch of a job); the first call's figure is reported too.
+    model.generate(ids, max_new_tokens=a.gen_len)
+    first = model.last_stats
     if a.offload == "nvme":
         drop_page_cache()
     if a.trace and device.type == "cuda":
@@ -277,7 +292,10 @@ def measure(
         "decode_step_s": st.decode_step_s, "total_s": st.total_s,
         "prefill_tok_per_s": batch * a.prompt_len / st.prefill_s,
         "decode_tok_per_s": batch * steps / st.decode_s if st.new_tokens > 1 else None,
-        "total_tok_per_s": st.tokens_per_s,
+        "total_tok_per_s": st.tokens_per_s, "micro_batch": model.micro_batch or batch,
+        "predicted_prefill_s": pred.prefill_s, "predicted_step_s": pred.step_s,
+        "predicted_tok_per_s": pred.tok_s,
+        "prediction_error": pred.tok_s / st.tokens_per_s - 1,  # (predicted - measured) / measured
         "roofline_prefill_s": pre_floor, "roofline_decode_s": dec_floor,
         "roofline_tok_per_s": roof_tps, "ratio_to_roofline": st.tokens_per_s / roof_tps,
         "decode_step_vs_transfer": st.decode_step_s / (plan.rank_streamed_bytes / stream_bw)
@@ -286,6 +304,7 @@ def measure(
         "pinned_host_bytes": model.prefetcher.pinned_bytes,
         "copy_profile": profile,
         "host_pass_s": model.executor.host_pass_s,
+        "first_call_tok_per_s": first.tokens_per_s, "first_call_decode_s": first.decode_s,
         "kv_dtype": a.kv_dtype or a.dtype,
         "cuda_graphs_captured_replayed": model.executor.graph_counts,
         "kv_bytes": model.kv_bytes(batch, a.prompt_len + a.gen_len),
@@ -344,20 +363,22 @@ def print_table(r: dict[str, Any]) -> None:
         f"load {r['load_s']:.1f} s"
     )
     rows = [
-        ("prefill s", r["prefill_s"], r["roofline_prefill_s"]),
-        ("decode step s", r["decode_step_s"], r["roofline_decode_s"] / max(1, r["gen_len"] - 1)),
-        ("total tok/s", r["total_tok_per_s"], r["roofline_tok_per_s"]),
-    ]
+        ("prefill s", r["prefill_s"], r["predicted_prefill_s"], r["roofline_prefill_s"]),
+        ("decode step s", r["decode_step_s"], r["predicted_step_s"],
+         r["roofline_decode_s"] / max(1, r["gen_len"] - 1)),
+        ("total tok/s", r["total_tok_per_s"], r["predicted_tok_per_s"], r["roofline_tok_per_s"]),
+    ]  # fmt: skip
     if m["disk_bytes_per_s"]:
         floor = r["checkpoint_bytes"] / m["disk_bytes_per_s"]
         print(
             f"  load + prefill (first token) {r['first_token_s']:.1f} s; checkpoint "
             f"{r['checkpoint_bytes'] / GB:.2f} GB / disk = {floor:.1f} s"
         )
-    print(f"  {'':14} {'measured':>10} {'roofline':>10}")
-    for name, got, roof in rows:
-        print(f"  {name:14} {got:10.4g} {roof:10.4g}")
-    print(f"  ratio to roofline {r['ratio_to_roofline']:.3f}; decode stream "
+    print(f"  {'':14} {'measured':>10} {'predicted':>10} {'roofline':>10}")
+    for name, got, pred, roof in rows:
+        print(f"  {name:14} {got:10.4g} {pred:10.4g} {roof:10.4g}")
+    print(f"  prediction error {r['prediction_error']:+.1%} (predicted tok/s vs measured); "
+          f"ratio to roofline {r['ratio_to_roofline']:.3f}; decode stream "
           f"{r['achieved_stream_GBps_decode']:.1f} GB/s"
           + (f"; step / transfer {r['decode_step_vs_transfer']:.3f}"
              if r["decode_step_vs_transfer"] else "")
@@ -373,14 +394,14 @@ def main(argv: list[str] | None = None) -> int:
     except ZeroInfError as e:
         print(f"zeroinf-bench: error: {e}", file=sys.stderr)
         return 2
-    for r in results:
+    for r in results if not a.plan_only else ():  # --plan-only printed its plan already
         print_table(r)
     if a.json:
-        rank = results[0]["rank"] if results[0]["ranks"] > 1 else None
+        rank = results[0]["rank"] if results[0].get("ranks", 1) > 1 else None
         path = a.json if rank is None else f"{a.json}.rank{rank}"
         with open(path, "w") as f:
             json.dump(results[0] if len(results) == 1 else results, f, indent=1)
-    if a.plot:
+    if a.plot and not a.plan_only:
         plot(results, a.plot)
     return 0
 

@@ -11,10 +11,13 @@ import sys
 import threading
 from pathlib import Path
 from types import FrameType
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
+
+if TYPE_CHECKING:
+    from zeroinf.jobs import Defaults, Ranks
+    from zeroinf.jobs.records import Tokenizer
 
 PROG = "zeroinf-generate"
-AUTO_BATCH_SIZE = 32  # --batch-size auto, until the planner sizes batches from the KV budget
 EPILOG = """\
 input lines (JSONL), one of:
   {"id": "a", "prompt": "Summarise: ..."}
@@ -77,15 +80,19 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--offload", choices=("cpu", "nvme"), default="cpu",
                    help="where streamed layers live (default: cpu, pinned memory)")  # fmt: skip
     m.add_argument("--gpu-memory", default="12GiB",
-                   help="device budget for resident and streaming weights, e.g. 12GiB, or 'all' "
-                   "to keep every layer resident (default: 12GiB)")  # fmt: skip
+                   help="device budget, e.g. 12GiB (default). With --batch-size auto: the whole "
+                   "budget (weights, KV cache, activations), 'all' = the memory free now; with "
+                   "a number: the weights' budget (KV cache on top), 'all' = every layer "
+                   "resident")  # fmt: skip
     m.add_argument("--nvme-dir", help="with --offload nvme: convert an HF folder into this folder")
     m.add_argument("--prefetch", type=int, default=2, help="layers streamed ahead (default: 2)")
     m.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
                    help="weights dtype (default: the checkpoint's)")  # fmt: skip
     g = p.add_argument_group("generation (a record's own fields override these)")
     g.add_argument("--batch-size", type=_batch_size, default="auto",
-                   help=f"records per batch, or 'auto' (for now: {AUTO_BATCH_SIZE})")  # fmt: skip
+                   help="records per batch, or 'auto' (default): the planner's batch for the "
+                   "longest pending prompt and the largest max_new_tokens within "
+                   "--gpu-memory")  # fmt: skip
     g.add_argument("--max-new-tokens", type=int, default=128, help="default: 128")
     g.add_argument("--temperature", type=float, default=0.0,
                    help="0 = greedy (default); > 0 samples")  # fmt: skip
@@ -104,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--refill",
         action="store_true",
         help="continuous refill: a finished row's place goes to the next record, whose prefill "
-        "shares the weight pass with the other rows' decode (single process only for now)",
+        "shares the weight pass with the other rows' decode (under torchrun: each rank its "
+        "share of the records, the ranks agreeing before every pass)",
     )
     return p
 
@@ -187,6 +195,26 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise _Terminated()
 
 
+def job_shape(
+    a: argparse.Namespace, tok: Tokenizer | None, defaults: Defaults, ranks: Ranks
+) -> tuple[int, int, int]:
+    """(longest prompt in tokens, largest max_new_tokens, count) over this rank's records not yet
+    written: what --batch-size auto plans for. The longest prompt sizes every row's KV cache, so
+    no batch of the job (each is sorted by length) needs more memory than the plan."""
+    from zeroinf.jobs import BadRecord, prepare, read_input, shard
+    from zeroinf.jobs.ranks import done_keys
+
+    done = done_keys(Path(a.output))
+    mine = shard(read_input(a.input), ranks.rank, ranks.world)
+    todo = [r for r in mine if not isinstance(r, BadRecord) and r.key not in done]
+    # positions and vocabulary are checked when the job prepares the records for real
+    reqs = [prepare(r, tok, defaults, sys.maxsize, sys.maxsize) for r in todo]
+    reqs = [q for q in reqs if not isinstance(q, BadRecord)]
+    if not reqs:
+        return 1, defaults.max_new_tokens, 0
+    return max(len(q.prompt_ids) for q in reqs), max(q.max_new_tokens for q in reqs), len(reqs)
+
+
 def run(a: argparse.Namespace) -> int:
     import torch
 
@@ -201,17 +229,10 @@ def run(a: argparse.Namespace) -> int:
             log.warning("no CUDA device: generating on the CPU (slow); --device cpu hides this")
     elif device == "cuda":
         device = "cuda:0"
-    batch = a.batch_size
-    if batch == "auto":
-        batch = AUTO_BATCH_SIZE
-        log.info("--batch-size auto: %d records per batch", batch)
     defaults = Defaults(
         max_new_tokens=a.max_new_tokens, sampling=Sampling(a.temperature, a.top_k, a.top_p),
         seed=a.seed, stop=tuple(a.stop), chat=a.chat,
     )  # fmt: skip
-    cfg = JobConfig(Path(a.input), Path(a.output), defaults, batch, not a.quiet, ranks)
-    if a.refill and ranks.world > 1:
-        _fail("--refill runs in a single process for now (drop it under torchrun)")
     tok = load_tokenizer(Path(a.model))
     if tok is None and (a.chat or a.stop):
         _fail(f"--model {a.model}: no tokenizer files, so --chat and --stop cannot work")
@@ -220,10 +241,24 @@ def run(a: argparse.Namespace) -> int:
     if tok is None:
         log.warning("%s: no tokenizer; only input_ids records can run, text is null", a.model)
     gpu_memory = None if a.gpu_memory == "all" else a.gpu_memory
+    planned: dict[str, Any] = {}
+    if a.batch_size == "auto":
+        prompt_len, new, todo = job_shape(a, tok, defaults, ranks)
+        planned = dict(batch_size="auto", prompt_len=prompt_len, max_new_tokens=new,
+                       max_batch_size=max(1, todo))  # fmt: skip
     model = zeroinf.load(
         a.model, device=device, offload=a.offload, gpu_memory=gpu_memory, nvme_dir=a.nvme_dir,
-        prefetch=a.prefetch, dtype=a.dtype, progress=not a.quiet,
+        prefetch=a.prefetch, dtype=a.dtype, progress=not a.quiet, **planned,
     )  # fmt: skip
+    batch = a.batch_size
+    if batch == "auto":
+        batch = model.batch_size
+        log.info(
+            "--batch-size auto: %d records per batch, planned for %d pending records, the "
+            "longest prompt (%d tokens) and the largest max_new_tokens (%d): predicted %.1f tok/s",
+            batch, todo, prompt_len, new, model.plan.predicted_tok_s,
+        )  # fmt: skip
+    cfg = JobConfig(Path(a.input), Path(a.output), defaults, batch, not a.quiet, ranks)
     summary = None
     try:
         folders = [Path(a.model), model.checkpoint.path]

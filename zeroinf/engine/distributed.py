@@ -5,7 +5,9 @@ Within a group (one node by default), rank r keeps only byte range r of every st
 unit in every rank's device slot. Every rank runs its own requests through that unit, so all
 ranks of a group step through units in lockstep: before each generate call they agree on the
 number of forward passes (one small all-reduce), and a rank with less or no work joins the
-remaining passes' collectives without computing. Across groups (nodes), replicas are
+remaining passes' collectives without computing. Continuous refill, whose pass count is not
+known up front, makes the same agreement before every pass, asking for one (engine/refill.py);
+Model.finish() asks for none until every rank does. Across groups (nodes), replicas are
 independent: a group never waits for another.
 """
 
@@ -31,7 +33,10 @@ class RankGroup:
     device: torch.device  # where the agreement's tensor lives (NCCL needs a CUDA tensor)
 
     def agree_passes(self, passes: int) -> int:
-        """The largest number of forward passes any rank of the group asks for."""
+        """The largest number of forward passes any rank of the group asks for (0: every rank
+        is done). Every rank then runs exactly that many passes, computing or skipping, before
+        it agrees again: so generate (its max_new_tokens), refill (1 per pass) and finish (0)
+        can meet in any mix."""
         t = torch.tensor([passes], dtype=torch.long, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control)
         return int(t.item())

@@ -96,6 +96,7 @@ def generate(
     prefill_tokens: int | None = None,
     decode_rows: int | None = None,
     cuda_graphs: bool = True,
+    state: DecodeState | None = None,
 ) -> tuple[torch.Tensor, GenerationStats]:
     """ids, attention_mask [B, P] on the compute device (left padded) -> [B, P + N] ids.
 
@@ -107,11 +108,16 @@ def generate(
     decode_rows: decode in micro-batches of this many rows (None: one), each streamed unit
     serving all of them before it is released (the block schedule).
     cuda_graphs: replay each unit's decode computation as a CUDA graph where the executor
-    can (engine/graphs.py)."""
+    can (engine/graphs.py).
+    state: kept by the caller to reuse the KV cache and the captured graphs in the next call of
+    the same shape (None: made for this call only)."""
     b, p = ids.shape
     dev = ids.device
     total = p + gc.max_new_tokens
-    kv = new_kv(b, total)
+    chunk_rows = max(1, (prefill_tokens or b * p) // p)
+    step_rows = decode_rows or b
+    state = state or DecodeState()
+    kv = state.prepare((b, total, step_rows), lambda: new_kv(b, total))
     mask = torch.ones(b, total, dtype=torch.long, device=dev)
     mask[:, :p] = attention_mask
     out = torch.full((b, total), gc.pad_token_id, dtype=ids.dtype, device=dev)
@@ -126,12 +132,11 @@ def generate(
         gens = [torch.Generator(device=dev) for _ in seeds]
         for g, s in zip(gens, seeds, strict=True):
             g.manual_seed(s if s is not None else torch.seed())
-    chunk_rows = max(1, (prefill_tokens or b * p) // p)
-    step_rows = decode_rows or b
     graphs = None
     if cuda_graphs and executor.graphable:
-        graphs = DecodeGraphs(executor.prefetcher.capture_stream)
-    static: list[MicroBatch] | None = None  # decode's micro-batches, refreshed in place
+        if state.graphs is None:
+            state.graphs = DecodeGraphs(executor.prefetcher.capture_stream)
+        graphs = state.graphs
     clock = _Clock(dev)
     x, start, n = ids, 0, 0
     bar = tqdm(total=gc.max_new_tokens, unit="tok", desc="generate", disable=not progress)
@@ -150,13 +155,13 @@ def generate(
                 precompute(ctx, executor.cfg, executor.dtype)
                 parts.append(MicroBatch(x[r : r + step_rows], ctx,
                                         [c.rows(r, r + step_rows) for c in kv]))  # fmt: skip
-            if static is None:
-                static = [MicroBatch(mb.ids.clone(), mb.ctx, mb.kv) for mb in parts]
+            if state.static is None:
+                state.static = [MicroBatch(mb.ids.clone(), mb.ctx, mb.kv) for mb in parts]
             else:
-                for s, mb in zip(static, parts, strict=True):
+                for s, mb in zip(state.static, parts, strict=True):
                     s.ids.copy_(mb.ids)
                     refresh_context(s.ctx, mb.ctx)
-            logits = torch.cat(executor.forward(static, graphs))
+            logits = torch.cat(executor.forward(state.static, graphs))
         nxt = sample(logits, gc, gens)
         n = i + 1
         if len(gc.eos_token_id):
@@ -172,12 +177,41 @@ def generate(
             break
     if graphs is not None:
         executor.graph_counts = (graphs.captured, graphs.replayed)
-        graphs.close()
     for _ in range(n, passes or 0):
         executor.skip_pass()
     prefill_s, decode_s = clock.stop()
     bar.close()
     return out[:, : p + n], GenerationStats(b, p, n, prefill_s, decode_s)
+
+
+class DecodeState:
+    """What decode keeps from one generate call to the next of the same shape (batch, cache
+    length, micro-batch rows): the KV cache, decode's static micro-batches (the tensors the
+    graphs read) and the captured CUDA graphs. A call of another shape starts afresh. The cache
+    keeps the last call's keys beyond this call's tokens; decode masks every index it has not
+    written, so they get a zero weight."""
+
+    def __init__(self) -> None:
+        self.key: tuple[int, ...] | None = None
+        self.kv: list[LayerKV] = []
+        self.static: list[MicroBatch] | None = None
+        self.graphs: DecodeGraphs | None = None
+
+    def matches(self, key: tuple[int, ...]) -> bool:
+        return self.key == key
+
+    def prepare(self, key: tuple[int, ...], new_kv: Callable[[], list[LayerKV]]) -> list[LayerKV]:
+        if self.key != key:
+            self.clear()
+            self.kv = new_kv()
+            self.key = key
+        return self.kv
+
+    def clear(self) -> None:
+        """Free the cache and the graphs (before another shape allocates its own)."""
+        if self.graphs is not None:
+            self.graphs.close()
+        self.key, self.kv, self.static, self.graphs = None, [], None, None
 
 
 class _Clock:

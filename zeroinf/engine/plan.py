@@ -10,6 +10,9 @@ from zeroinf.format import padded_size
 from zeroinf.sizes import fmt_bytes
 
 TIERS = ("gpu", "cpu", "nvme")
+# Where the KV cache can live. Only the device tier is built; a host tier (KV in pinned memory,
+# attention on the CPU) is a new entry here plus its term in costmodel.py.
+KV_TIERS = ("gpu",)
 
 
 @dataclass(frozen=True)
@@ -29,12 +32,32 @@ class Plan:
     h2d_bytes_per_s: float | None = None  # measured at load when a GPU is present
     world: int = 1  # ranks sharing the streamed units (each holds and copies 1/world of them)
     workspace: int = 0  # device bytes of the budget kept free for activations
+    # Set by the cost model (costmodel.py) when it sizes the batch; gpu_budget then also holds
+    # the KV cache of `batch` rows.
+    kv_bytes: int = 0  # device bytes of the KV cache counted in gpu_budget
+    kv_tier: str = "gpu"  # one of KV_TIERS
+    micro_batch: int | None = None  # decode rows per micro-batch; None: not planned
+    micro_batches: int = 1
+    predicted_prefill_s: float | None = None
+    predicted_step_s: float | None = None  # mean decode step
+    predicted_tok_s: float | None = None  # new tokens of all rows / (prefill + decode)
 
     def __post_init__(self) -> None:
         if self.offload not in ("cpu", "nvme"):
             raise PlanError(f"offload={self.offload!r}: must be 'cpu' or 'nvme'")
         if self.prefetch < 1:
             raise PlanError(f"prefetch={self.prefetch}: must be >= 1")
+        if self.kv_tier not in KV_TIERS:
+            raise PlanError(f"kv_tier={self.kv_tier!r}: must be one of {', '.join(KV_TIERS)}")
+        if self.micro_batch is not None and self.micro_batch < 1 or self.micro_batches < 1:
+            raise PlanError(
+                f"micro_batch={self.micro_batch}, micro_batches={self.micro_batches}: must be >= 1"
+            )
+
+    @property
+    def batch(self) -> int | None:
+        """Rows the plan serves (None when no batch was planned)."""
+        return self.micro_batch * self.micro_batches if self.micro_batch else None
 
     @property
     def streamed(self) -> tuple[Placement, ...]:
@@ -63,6 +86,11 @@ class Plan:
         return self.resident_bytes + self.slots * self.slot_bytes
 
     @property
+    def gpu_bytes(self) -> int:
+        """Device bytes the plan accounts for: weights, slots, activations and KV cache."""
+        return self.gpu_weight_bytes + self.workspace + self.kv_bytes
+
+    @property
     def rank_streamed_bytes(self) -> int:
         """Bytes of streamed units that one rank holds on the host and copies per pass."""
         return sum(padded_size(p.nbytes, self.world) // self.world for p in self.streamed)
@@ -82,7 +110,8 @@ class Plan:
             f"{self.offload} ({fmt_bytes(self.streamed_bytes)} per forward pass)",
             f"  device weights {fmt_bytes(self.gpu_weight_bytes)} of budget "
             f"{fmt_bytes(self.gpu_budget)}: {self.slots} slot(s) x {fmt_bytes(self.slot_bytes)}"
-            + (f", {fmt_bytes(self.workspace)} kept for activations" if self.workspace else ""),
+            + (f", {fmt_bytes(self.workspace)} kept for activations" if self.workspace else "")
+            + (f", {fmt_bytes(self.kv_bytes)} KV cache" if self.kv_bytes else ""),
             f"  resident: {_ranges(res) or '-'}",
             *(
                 [
@@ -98,6 +127,16 @@ class Plan:
             lines.append(
                 f"  predicted transfer per forward pass: {self.predicted_pass_s * 1e3:.1f} ms "
                 f"at {self.h2d_bytes_per_s / 1e9:.1f} GB/s H2D"
+            )
+        if self.micro_batch:
+            lines.append(
+                f"  batch {self.batch} = {self.micro_batches} micro-batch(es) x "
+                f"{self.micro_batch} rows, KV cache on {self.kv_tier}, prefetch {self.prefetch}"
+            )
+        if self.predicted_tok_s is not None:
+            lines.append(
+                f"  predicted: prefill {self.predicted_prefill_s:.3g} s, decode step "
+                f"{self.predicted_step_s * 1e3:.3g} ms, {self.predicted_tok_s:.4g} tok/s"
             )
         return "\n".join(lines)
 
@@ -143,16 +182,18 @@ def make_plan(
     h2d_bytes_per_s: float | None = None,
     world: int = 1,
     workspace: int = 0,
+    kv_bytes: int = 0,
 ) -> Plan:
     """Keep units resident, largest saving first, while resident bytes plus `prefetch` slots
-    (each as large as the largest unit still streamed) plus `workspace` fit in `gpu_budget`."""
+    (each as large as the largest unit still streamed) plus `workspace` and `kv_bytes` fit in
+    `gpu_budget`."""
     rank = {i: r for r, i in enumerate(_spread_order(len(units)))}
     order = sorted(range(len(units)), key=lambda i: (-units[i][1], rank[i]))
 
     def need(resident: set[int]) -> int:
         streamed = [nb for k, (_, nb) in enumerate(units) if k not in resident]
         slots = prefetch * max(streamed, default=0)
-        return sum(units[k][1] for k in resident) + slots + workspace
+        return sum(units[k][1] for k in resident) + slots + workspace + kv_bytes
 
     # The longest prefix of `order` that fits, then any smaller unit that still fits.
     resident: set[int] = set()
@@ -163,10 +204,12 @@ def make_plan(
     else:
         largest = max(nb for _, nb in units)
         extra = f" plus {fmt_bytes(workspace)} for activations" if workspace else ""
+        extra += f" plus {fmt_bytes(kv_bytes)} of KV cache" if kv_bytes else ""
         raise PlanError(
             f"gpu_memory {fmt_bytes(gpu_budget)} cannot hold {prefetch} streaming slot(s) of "
             f"{fmt_bytes(largest)} (the largest unit){extra}: need at least "
-            f"{fmt_bytes(prefetch * largest + workspace)}; raise gpu_memory or lower prefetch"
+            f"{fmt_bytes(prefetch * largest + workspace + kv_bytes)}; raise gpu_memory or lower "
+            "prefetch"
         )
     for i in order:
         if i not in resident and need(resident | {i}) <= gpu_budget:
@@ -176,5 +219,6 @@ def make_plan(
         for i, (name, nb) in enumerate(units)
     )
     return Plan(
-        device, offload, placements, prefetch, gpu_budget, h2d_bytes_per_s, world, workspace
-    )
+        device, offload, placements, prefetch, gpu_budget, h2d_bytes_per_s, world, workspace,
+        kv_bytes,
+    )  # fmt: skip

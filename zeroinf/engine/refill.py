@@ -11,6 +11,16 @@ start (one copy of the KV cache).
 
 Each pass is one call of the streaming loop with several micro-batches: runs of adjacent decoding
 rows, and one micro-batch per admitted prompt.
+
+With ranks (engine/distributed.py), every pass all-gathers each streamed unit, so the ranks of a
+group must run the same number of passes, but refill cannot know its pass count up front. So
+before each pass a rank with work asks the group for one more pass (RankGroup.agree_passes(1),
+one small all-reduce MAX): the same agreement that generate() makes once per call (asking for
+its max_new_tokens) and that Model.finish() makes with 0 until every rank is done. A rank runs
+exactly the agreed number of passes, computing while it has rows and skipping (streaming
+without computing, Executor.skip_pass) after that, and only then agrees again; so any mix of
+refill, generate and finish on the ranks stays in lockstep. A rank whose own requests are all
+done returns (its next call, or finish() in close(), keeps joining until no rank has work).
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from zeroinf.engine.distributed import RankGroup
 from zeroinf.engine.executor import Executor, MicroBatch
 from zeroinf.engine.generate import GenerationConfig, sample
 from zeroinf.errors import ConfigError
@@ -53,64 +64,93 @@ def generate_refill(
     new_kv: Callable[[int, int], list[LayerKV]],
     device: torch.device,
     cache_tokens: int,
+    group: RankGroup | None = None,
 ) -> Iterator[tuple[Request, list[int]]]:
     """Yield (request, new token ids) as rows finish (EOS included when it stopped a row).
 
     gc: sampling settings shared by all rows (its max_new_tokens and seed are unused: each
     request carries its own). cache_tokens: KV cache length per row; it must hold the longest
-    prompt plus its new tokens."""
+    prompt plus its new tokens. group: this rank's partition group; every pass is agreed with
+    the other ranks first (see the module docstring)."""
     waiting = deque(requests)
+    for r in waiting:  # every check before the first pass: a rank must not fail mid-agreement
+        _check(r)
     longest = max((len(r.ids) + r.max_new_tokens for r in waiting), default=0)
     if longest > cache_tokens:
         raise ConfigError(f"cache_tokens {cache_tokens} < longest prompt + new tokens {longest}")
+    if not waiting:
+        return  # nothing to compute: no cache; with ranks, finish() joins the others' passes
     rows: list[_Row | None] = [None] * batch_size
-    kv = new_kv(batch_size, cache_tokens)
-    for c in kv:  # masked keys still meet a zero weight: 0 * NaN from unwritten memory is NaN
-        c.k.zero_()
-        c.v.zero_()
+    kv = new_kv(batch_size, cache_tokens)  # zero-filled: masked keys meet a zero weight
     mask = torch.zeros(batch_size, cache_tokens, dtype=torch.long, device=device)
     last = torch.zeros(batch_size, dtype=torch.long, device=device)  # each row's newest token
     eos = set(gc.eos_token_id)
     t = -1  # the cache index the next pass writes decode tokens at
-    while waiting or any(rows):
-        for i in range(batch_size):  # admit prompts into free rows
-            if rows[i] is None and waiting:
-                rows[i] = _admit(waiting.popleft(), gc, device)
-        t += 1
-        t = max([t] + [len(r.req.ids) - 1 for r in rows if r is not None and r.prefill])
-        if t >= cache_tokens:
-            t = _compact(rows, mask, kv, t)
-        parts, order = [], []
-        for a, b, prefill in _runs(rows):
-            if prefill:
-                p = len(rows[a].req.ids)  # one row: its prompt ends at index t
-                mask[a, :] = 0
-                mask[a, t - p + 1 : t + 1] = 1
-                ids = torch.tensor([rows[a].req.ids], dtype=torch.long, device=device)
-                ctx = build_context(mask[a:b], t - p + 1, p)
-            else:
-                mask[a:b, t] = 1
-                ids = last[a:b, None]
-                ctx = build_context(mask[a:b], t, 1)
-            parts.append(MicroBatch(ids, ctx, [LayerKV(c.k[a:b], c.v[a:b]) for c in kv]))
-            order += range(a, b)
-        logits = torch.cat(executor.forward(parts))  # [rows in `order`, V]
-        gens = [rows[i].gen for i in order] if gc.do_sample else None  # one per row
-        toks = sample(logits, gc, gens)
-        last[order] = toks
-        for i, tok in zip(order, toks.tolist(), strict=True):  # one host sync per pass
-            row = rows[i]
-            row.prefill = False
-            row.tokens.append(tok)
-            if tok in eos or len(row.tokens) == row.req.max_new_tokens:
-                yield row.req, row.tokens
-                rows[i] = None
-                mask[i, :] = 0
+    left = 0  # passes agreed with the group and not yet run (a single process: one at a time)
+    try:
+        while waiting or any(rows) or left:
+            if not left:
+                left = group.agree_passes(1) if group is not None else 1
+            left -= 1
+            if not (waiting or any(rows)):
+                # another rank's generate() asked for more passes than this rank needs
+                executor.skip_pass()
+                continue
+            for i in range(batch_size):  # admit prompts into free rows
+                if rows[i] is None and waiting:
+                    rows[i] = _admit(waiting.popleft(), gc, device)
+            t += 1
+            t = max([t] + [len(r.req.ids) - 1 for r in rows if r is not None and r.prefill])
+            if t >= cache_tokens:
+                t = _compact(rows, mask, kv, t)
+            parts, order = [], []
+            for a, b, prefill in _runs(rows):
+                if prefill:
+                    p = len(rows[a].req.ids)  # one row: its prompt ends at index t
+                    mask[a, :] = 0
+                    mask[a, t - p + 1 : t + 1] = 1
+                    ids = torch.tensor([rows[a].req.ids], dtype=torch.long, device=device)
+                    ctx = build_context(mask[a:b], t - p + 1, p)
+                else:
+                    mask[a:b, t] = 1
+                    ids = last[a:b, None]
+                    ctx = build_context(mask[a:b], t, 1)
+                parts.append(MicroBatch(ids, ctx, [c.rows(a, b) for c in kv]))
+                order += range(a, b)
+            logits = torch.cat(executor.forward(parts))  # [rows in `order`, V]
+            gens = [rows[i].gen for i in order] if gc.do_sample else None  # one per row
+            toks = sample(logits, gc, gens)
+            last[order] = toks
+            for i, tok in zip(order, toks.tolist(), strict=True):  # one host sync per pass
+                row = rows[i]
+                row.prefill = False
+                row.tokens.append(tok)
+                if tok in eos or len(row.tokens) == row.req.max_new_tokens:
+                    yield row.req, row.tokens
+                    rows[i] = None
+                    mask[i, :] = 0
+    except BaseException:
+        # an error, or the caller closing the stream early (GeneratorExit at a yield): the
+        # passes this rank agreed to still run, so the others (and this rank's finish()) stay
+        # in lockstep
+        _skip(executor, left)
+        raise
+
+
+def _skip(executor: Executor, passes: int) -> None:
+    try:
+        for _ in range(passes):
+            executor.skip_pass()
+    except BaseException:
+        pass  # the error being raised is the one to report
+
+
+def _check(req: Request) -> None:
+    if not req.ids or req.max_new_tokens < 1:
+        raise ConfigError("a request needs a non-empty prompt and max_new_tokens >= 1")
 
 
 def _admit(req: Request, gc: GenerationConfig, device: torch.device) -> _Row:
-    if not req.ids or req.max_new_tokens < 1:
-        raise ConfigError("a request needs a non-empty prompt and max_new_tokens >= 1")
     gen = None
     if gc.do_sample:
         gen = torch.Generator(device=device)
@@ -147,6 +187,7 @@ def _compact(rows: list[_Row | None], mask: torch.Tensor, kv: list[LayerKV], t: 
     mask[:, :n] = mask[:, shift:].clone()
     mask[:, n:] = 0
     for c in kv:
-        c.k[:, :, :n] = c.k[:, :, shift:].clone()
-        c.v[:, :, :n] = c.v[:, :, shift:].clone()
+        for cache in (c.k, c.v, c.k_scale, c.v_scale):  # the scales of an int8 cache too
+            if cache is not None:
+                cache[:, :, :n] = cache[:, :, shift:].clone()
     return t - shift

@@ -1,0 +1,262 @@
+"""The machine's rates, measured (about 3 s on a GPU) and cached: the cost model plans from them
+(costmodel.py) and zeroinf-bench reports its roofline against the same measurement.
+
+The cache is JSON in `$ZEROINF_CACHE_DIR` (else `$ZEROINF_CACHE`, the converter's cache folder,
+else ~/.cache/zeroinf), file probe.json, one entry per key: device name, torch version, dtype,
+the matmul shape and the disk folder measured. A load reads its entry and says so in the log;
+`refresh=True` measures again (zeroinf-bench always does, so its roofline is from its own run).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from zeroinf.sizes import ALIGN
+
+log = logging.getLogger("zeroinf")
+
+ENV_CACHE_DIR = "ZEROINF_CACHE_DIR"
+CACHE_FILE = "probe.json"
+CACHE_FORMAT = "zeroinf-probe/1"
+DISK_BYTES = 1 << 30  # read at most this much of a folder's largest files (about 1 s on NVMe)
+
+
+@dataclass(frozen=True)
+class Rates:
+    """Bytes/s and FLOP/s of one machine. On a CPU device "device" memory is host memory, so
+    h2d and d2h are host memcpy rates (the CPU streaming loop copies units the same way)."""
+
+    device_name: str
+    flops: float  # dtype matmul [m, k] x [k, n] at the model's hidden and FFN sizes
+    hbm_bytes_per_s: float  # device copy, read + write bytes
+    h2d_bytes_per_s: float  # pinned host -> device
+    d2h_bytes_per_s: float  # device -> pinned host
+    cpu_attn_bytes_per_s: float  # KV bytes/s that torch SDPA on the host reads in a decode step
+    disk_bytes_per_s: float | None = None  # O_DIRECT reads of the offload folder (NVMe tier)
+
+    def stream_bytes_per_s(self, offload: str) -> float:
+        """What feeds the streamed units: H2D, or min(disk, H2D) from NVMe."""
+        if offload == "nvme" and self.disk_bytes_per_s:
+            return min(self.disk_bytes_per_s, self.h2d_bytes_per_s)
+        return self.h2d_bytes_per_s
+
+
+def cache_path() -> Path:
+    root = os.environ.get(ENV_CACHE_DIR) or os.environ.get("ZEROINF_CACHE")
+    return Path(root or Path.home() / ".cache/zeroinf") / CACHE_FILE
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu {platform.machine()} x{os.cpu_count()}"
+
+
+def probe(
+    device: torch.device,
+    k: int,
+    n: int,
+    dtype: torch.dtype,
+    disk_dir: str | os.PathLike[str] | None = None,
+    io_backend: str | None = None,
+    refresh: bool = False,
+) -> Rates:
+    """The rates of this machine for a model of hidden size `k` and FFN size `n` in `dtype`
+    (and of `disk_dir`'s drive when given): from the cache unless `refresh`, else measured and
+    written to the cache."""
+    disk = str(Path(disk_dir).resolve()) if disk_dir is not None else "-"
+    key = (
+        f"{device_name(device)} | torch {torch.__version__} | {str(dtype)[6:]} | matmul {k}x{n}"
+        f" | disk {disk} ({io_backend or 'auto'})"
+    )
+    path = cache_path()
+    entries = _read_cache(path)
+    if not refresh and key in entries:
+        try:
+            rates = Rates(**entries[key]["rates"])
+            log.info("using cached probe from %s (%s); refresh=True measures again", path, key)
+            return rates
+        except (TypeError, KeyError) as e:
+            log.warning("%s: entry %r unusable (%s): measuring again", path, key, e)
+    t0 = time.perf_counter()
+    rates = measure(device, k, n, dtype, disk_dir, io_backend)
+    log.info("probed %s in %.1f s: %s", key, time.perf_counter() - t0, _summary(rates))
+    entries[key] = {"rates": dataclasses.asdict(rates), "date": time.strftime("%Y-%m-%d %H:%M")}
+    _write_cache(path, entries)
+    return rates
+
+
+def measure(
+    device: torch.device,
+    k: int,
+    n: int,
+    dtype: torch.dtype,
+    disk_dir: str | os.PathLike[str] | None = None,
+    io_backend: str | None = None,
+) -> Rates:
+    """Measure every rate now (small sizes on a CPU device, so tests stay fast)."""
+    cuda = device.type == "cuda"
+    h2d, d2h = measure_copy(device, (256 << 20) if cuda else (16 << 20))
+    rates = Rates(
+        device_name(device),
+        _matmul_rate(device, k, n, dtype),
+        _copy_rate(device),
+        h2d,
+        d2h,
+        measure_cpu_attention(dtype, large=cuda),
+        measure_disk(disk_dir, io_backend) if disk_dir is not None else None,
+    )
+    if cuda:  # hand the probe's 4 GiB back before the model's buffers are allocated
+        torch.cuda.empty_cache()
+    return rates
+
+
+def _matmul_rate(device: torch.device, k: int, n: int, dtype: torch.dtype) -> float:
+    """FLOP/s of [M, K] x [K, N] (M = 8192 on a GPU: a prefill chunk's order of tokens)."""
+    m = 8192 if device.type == "cuda" else 256
+    x = torch.randn(m, k, device=device).to(dtype)  # [M, K]
+    w = torch.randn(n, k, device=device).to(dtype)  # [N, K], like a linear layer's weight
+    return 2 * m * k * n / seconds(lambda: x @ w.T, device)
+
+
+def _copy_rate(device: torch.device) -> float:
+    """Device memory bytes/s, read + write, of one large copy."""
+    size = (2 << 30) if device.type == "cuda" else (16 << 20)
+    src = torch.empty(size, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return 2 * size / seconds(lambda: dst.copy_(src), device)
+
+
+def seconds(fn: Callable[[], Any], device: torch.device, repeat: int = 9) -> float:
+    """Median seconds of one call of `fn` (after one warm-up call), CUDA events on a GPU."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        if device.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) / 1e3)
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def measure_copy(device: torch.device, nbytes: int) -> tuple[float, float]:
+    """(H2D, D2H) bytes/s between one pinned host buffer and the device."""
+    from zeroinf.io import aligned_empty
+
+    host = aligned_empty(nbytes, pin=device.type == "cuda")[:nbytes]
+    dev = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    h2d = nbytes / seconds(lambda: dev.copy_(host, non_blocking=True), device)
+    d2h = nbytes / seconds(lambda: host.copy_(dev, non_blocking=True), device)
+    return h2d, d2h
+
+
+def measure_cpu_attention(dtype: torch.dtype, large: bool) -> float:
+    """KV bytes/s that torch SDPA on the host reads for one decode token per row (what a host
+    KV tier would run): q [B, H, 1, D] against k, v [B, H, T, D]."""
+    b, h, t, d = (8, 8, 4096, 128) if large else (2, 4, 512, 64)
+    q = torch.randn(b, h, 1, d).to(dtype)
+    kv = torch.randn(b, h, t, d).to(dtype)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    return 2 * kv.nbytes / seconds(lambda: sdpa(q, kv, kv), torch.device("cpu"), repeat=3)
+
+
+def drop_page_cache() -> bool:
+    """Drop the kernel's page cache (needs root); False where not allowed."""
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def measure_disk(
+    folder: str | os.PathLike[str],
+    io_backend: str | None = None,
+    max_bytes: int = DISK_BYTES,
+) -> float:
+    """Read bandwidth (O_DIRECT, the reader the executor uses) over the largest files of
+    `folder`, up to `max_bytes`, after dropping the page cache where allowed (root)."""
+    from zeroinf.errors import ConfigError
+    from zeroinf.io import aligned_empty, open_reader
+
+    files = sorted(
+        ((p, p.stat().st_size // ALIGN * ALIGN) for p in Path(folder).iterdir() if p.is_file()),
+        key=lambda f: -f[1],
+    )
+    plan: list[tuple[Path, int]] = []
+    total = 0
+    for p, size in files:
+        take = min(size, max_bytes - total) // ALIGN * ALIGN
+        if take <= 0:
+            break
+        plan.append((p, take))
+        total += take
+    if not plan:
+        raise ConfigError(f"{folder}: no file of {ALIGN} bytes or more to measure the disk with")
+    buf = aligned_empty(plan[0][1], pin=False)
+    drop_page_cache()  # a backend that falls back to buffered reads would otherwise read RAM
+    with open_reader(io_backend) as r:
+        t = time.perf_counter()
+        for p, take in plan:
+            r.submit(str(p), 0, buf[:take]).wait()
+        dt = time.perf_counter() - t
+    return total / dt
+
+
+def _summary(r: Rates) -> str:
+    disk = f", disk {r.disk_bytes_per_s / 1e9:.2f} GB/s" if r.disk_bytes_per_s else ""
+    return (
+        f"matmul {r.flops / 1e12:.3g} TFLOP/s, HBM {r.hbm_bytes_per_s / 1e9:.0f} GB/s, "
+        f"H2D {r.h2d_bytes_per_s / 1e9:.1f} GB/s, D2H {r.d2h_bytes_per_s / 1e9:.1f} GB/s, "
+        f"CPU attention {r.cpu_attn_bytes_per_s / 1e9:.1f} GB/s{disk}"
+    )
+
+
+def _read_cache(path: Path) -> dict[str, Any]:
+    """The cache's entries; an unreadable or foreign file counts as empty (with a warning), and
+    is replaced by the next write."""
+    if not path.is_file():
+        return {}
+    try:
+        raw = json.loads(path.read_text())
+        if not isinstance(raw, dict) or raw.get("format") != CACHE_FORMAT:
+            raise ValueError(f"not a {CACHE_FORMAT} file")
+        entries = raw["entries"]
+        if not isinstance(entries, dict):
+            raise ValueError("'entries' is not an object")
+        return entries
+    except (OSError, ValueError, KeyError) as e:
+        log.warning("probe cache %s unreadable (%s): measuring again", path, e)
+        return {}
+
+
+def _write_cache(path: Path, entries: dict[str, Any]) -> None:
+    """Atomic replace (ranks of one host may probe at once; the last writer wins)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"format": CACHE_FORMAT, "entries": entries}, indent=1))
+        os.replace(tmp, path)
+    except OSError as e:  # a read-only home: plan from this measurement, probe again next time
+        log.warning("probe cache %s not written (%s)", path, e)
