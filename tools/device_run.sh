@@ -59,6 +59,12 @@ print(write_shape('llama-2-7b', torch.float16, '$NVME'))"
       --model opt-30b --quantize int4 --quantize-head --offload cpu --gpu-memory 1.76GiB \
       --prefill-tokens 1024 --batch-size 32 --prompt-len 512 --gen-len 32 ;;
     refill) run refill 570 python tools/bench_refill.py --json "$OUT/refill.json" ;;  # issue 9, ~6.5 min
+    p30) bench p30 500 --model opt-30b --offload cpu --gpu-memory 24GiB --batch-size auto \
+      --prompt-len 512 --gen-len 32 ;;
+    p30kv) bench p30kv 500 --model opt-30b --offload cpu --gpu-memory 24GiB --batch-size auto \
+      --kv-dtype int8 --prompt-len 512 --gen-len 32 ;;
+    b96m) bench b96m 400 --model opt-13b --offload cpu --gpu-memory 12GiB --batch-size 96 \
+      --micro-batch 32 --prompt-len 512 --gen-len 32 ;;
     prof) run prof 300 env PYTHONPATH=. python tools/profile_bench.py --top 40 -- --model opt-30b --quantize int4 \
       --quantize-head --kv-dtype int8 --offload cpu --gpu-memory 12GiB --prefill-tokens 2048 \
       --batch-size 32 --prompt-len 512 --gen-len 2 ;;

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from zeroinf.errors import ZeroInfError
+from zeroinf.errors import ConfigError, ZeroInfError
 from zeroinf.sizes import parse_bytes
 
 if TYPE_CHECKING:
@@ -40,6 +40,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", default="32",
                    help="one size, several (8,16,32: a sweep), or 'auto': the planner's choice "
                    "for the whole --gpu-memory budget")  # fmt: skip
+    p.add_argument(
+        "--micro-batch",
+        type=int,
+        help="with a given batch: decode in micro-batches of this many rows",
+    )
     p.add_argument("--plan-only", action="store_true",
                    help="print the plan and its predicted prefill, decode step and tok/s; "
                    "generate nothing")  # fmt: skip
@@ -185,7 +190,13 @@ def bench_plan(
     ws = ws if device.type == "cuda" else 0
     plan = make_plan([(u.name, u.nbytes) for u in ckpt.units], budget, a.offload, a.prefetch,
                      str(device), workspace=ws, world=world)  # fmt: skip
-    return replace(plan, h2d_bytes_per_s=rates.h2d_bytes_per_s)
+    plan = replace(plan, h2d_bytes_per_s=rates.h2d_bytes_per_s)
+    if a.micro_batch:
+        b = max(a.batch_sizes)
+        if b % a.micro_batch:
+            raise ConfigError(f"--micro-batch {a.micro_batch} does not divide --batch-size {b}")
+        plan = replace(plan, micro_batch=a.micro_batch, micro_batches=b // a.micro_batch)
+    return plan
 
 
 def predicted(
