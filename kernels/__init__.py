@@ -18,7 +18,7 @@ from kernels.act import (
     activation_ref,
 )
 from kernels.attention import decode_attention, decode_attention_ref
-from kernels.kv_quant import dequantize_kv, quantize_kv
+from kernels.kv_quant import dequantize_kv, quantize_kv, quantize_kv_ref, quantize_kv_triton
 from kernels.norm import layer_norm, layer_norm_ref, rms_norm, rms_norm_ref
 from kernels.qmatmul import QConfig, dequantize_into, qmatmul, qmatmul_ref
 from kernels.quant import dequantize, error_bound, pack_int4, quant_info, quantize, unpack_int4
@@ -52,6 +52,8 @@ __all__ = [
     "quant_info",
     "quantize",
     "quantize_kv",
+    "quantize_kv_ref",
+    "quantize_kv_triton",
     "rms_norm",
     "rms_norm_ref",
     "unpack_int4",

@@ -24,7 +24,8 @@ Variants (one run times them all; `--only decode,attention` for just these):
   attention   bf16 caches (as before) and int8 caches ("attn-int8": the kernel dequantizing in
               registers, conversions "magic" and "cvt", length as an int or a device tensor;
               reference: dequantize the valid cache + SDPA), and the quantize-on-write cost
-              ("kv-write": kernels.quantize_kv + cache store, against a bf16 cache store).
+              ("kv-write": quantize_kv_ref (torch) and quantize_kv_triton (one kernel), each
+              + cache store, against a bf16 cache store).
 Needs a CUDA GPU; about 4-5 minutes on the H100.
 """
 
@@ -359,7 +360,8 @@ def bench_attention() -> list[Row]:
         attention_int8_case(1, 40, 40, 128, 4096, "magic", len_tensor=True),
     ]
     for Hkv in (40, 56):
-        rows += [kv_write_case(32, Hkv, 128, 1), kv_write_case(32, Hkv, 128, 512)]
+        for S in (1, 512):
+            rows += [kv_write_case(32, Hkv, 128, S, impl) for impl in ("torch", "triton")]
     return rows
 
 
@@ -495,17 +497,21 @@ def attention_int8_case(
     )
 
 
-def kv_write_case(B: int, Hkv: int, D: int, S: int) -> Row:
-    """Quantize-on-write: S new tokens [B, Hkv, S, D] (bf16) quantized (kernels.quantize_kv,
-    torch ops) and stored into an int8 cache + scales, against storing them into a bf16 cache."""
+def kv_write_case(B: int, Hkv: int, D: int, S: int, impl: str) -> Row:
+    """Quantize-on-write: S new tokens [B, Hkv, S, D] (bf16, the transpose view of a [B, S, Hkv,
+    D] projection, as the models pass them) quantized (impl "torch": kernels.quantize_kv_ref;
+    "triton": kernels.quantize_kv_triton) and stored into an int8 cache + scales, against
+    storing them into a bf16 cache."""
     T, t0 = S + 64, 32
+    quant = {"torch": K.quantize_kv_ref, "triton": K.quantize_kv_triton}[impl]
 
     def inputs() -> tuple:
-        return (rnd(B, Hkv, S, D), torch.empty(B, Hkv, T, D, dtype=torch.int8, device="cuda"),
+        return (rnd(B, S, Hkv, D).transpose(1, 2),
+                torch.empty(B, Hkv, T, D, dtype=torch.int8, device="cuda"),
                 torch.empty(B, Hkv, T, device="cuda"), rnd(B, Hkv, T, D))  # fmt: skip
 
     def kernel(x, k8, ks, kf):  # noqa: ANN001
-        q, s = K.quantize_kv(x)
+        q, s = quant(x)
         k8[:, :, t0 : t0 + S] = q
         ks[:, :, t0 : t0 + S] = s
         return k8
@@ -521,7 +527,7 @@ def kv_write_case(B: int, Hkv: int, D: int, S: int) -> Row:
 
     return case(
         "kv-write",
-        f"B={B} Hkv={Hkv} D={D} tokens={S}",
+        f"B={B} Hkv={Hkv} D={D} tokens={S} {impl}",
         inputs,
         kernel,
         ref,

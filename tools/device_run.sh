@@ -53,7 +53,7 @@ print(write_shape('llama-2-7b', torch.float16, '$NVME'))"
     q30) bench q30 400 --trace --model opt-30b --quantize int4 --quantize-head --offload cpu \
       --gpu-memory 1.76GiB --prefill-tokens 1024 --batch-size 32 --prompt-len 512 --gen-len 32 ;;
     q30kv) bench q30kv 400 --trace --model opt-30b --quantize int4 --quantize-head --kv-dtype int8 \
-      --offload cpu --gpu-memory 12GiB --prefill-tokens 2048 --batch-size 32 --prompt-len 512 \
+      --offload cpu --gpu-memory 12.5GiB --prefill-tokens 2048 --batch-size 32 --prompt-len 512 \
       --gen-len 32 ;;
     q30e) run q30e 400 env ZEROINF_CUDA_GRAPHS=0 python -m zeroinf.cli.bench --json "$OUT/q30e.json" \
       --model opt-30b --quantize int4 --quantize-head --offload cpu --gpu-memory 1.76GiB \

@@ -24,13 +24,19 @@ NEW = 8
 
 
 class FakeInt8Cache(DynamicCache):
-    """transformers' cache, storing int8-rounded keys and values (quantize -> dequantize)."""
+    """transformers' cache, storing int8-rounded keys and values (quantize -> dequantize). A
+    prefill (more than one token) attends over its own keys as computed (as transformers'
+    QuantizedCache does); a one-token step reads the rounded cache."""
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):  # type: ignore[no-untyped-def]
         def rt(x: torch.Tensor) -> torch.Tensor:
             return dequantize_kv(*quantize_kv(x), x.dtype)
 
-        return super().update(rt(key_states), rt(value_states), layer_idx, *args, **kwargs)
+        k, v = super().update(rt(key_states), rt(value_states), layer_idx, *args, **kwargs)
+        S = key_states.shape[2]
+        if S == 1:
+            return k, v
+        return torch.cat((k[:, :, :-S], key_states), 2), torch.cat((v[:, :, :-S], value_states), 2)
 
 
 def _prompts(vocab: int) -> tuple[torch.Tensor, torch.Tensor]:

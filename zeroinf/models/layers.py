@@ -196,8 +196,18 @@ def attend(
                 v_scale=kv.v_scale,
             )
             return o.view(B, 1, H * D)  # o [B, H, 1, D] contiguous  # fmt: skip
-    end = None if ctx.write_index is not None else ctx.start + S
-    keys, values = read_kv(kv, end, q.dtype)  # [B, Hkv, T, D]
+    if kv.quantized and ctx.write_index is None and S > 1:
+        # A prefill attends over its own keys as computed, not over their int8 round trip
+        # (transformers' QuantizedCache does the same), and over earlier ones from the cache.
+        # The rule depends only on S, so a prompt gets the same keys whether it is prefilled
+        # alone or beside other rows' decode (continuous refill).
+        keys, values = k.to(q.dtype), v.to(q.dtype)
+        if ctx.start > 0:
+            old_k, old_v = read_kv(kv, ctx.start, q.dtype)
+            keys, values = torch.cat((old_k, keys), 2), torch.cat((old_v, values), 2)
+    else:
+        end = None if ctx.write_index is not None else ctx.start + S
+        keys, values = read_kv(kv, end, q.dtype)  # [B, Hkv, T, D]
     n_rep = H // keys.shape[1]
     if n_rep > 1:
         # GQA: expand kv heads. SDPA's enable_gqa would avoid the copy but sends a masked call
