@@ -299,14 +299,17 @@ def pick_config(M: int, N: int, K: int, G: int, bits: int, device: torch.device)
     n_groups = K // G
     if M <= DECODE_ROWS:
         # Decode: stream W once with many programs in flight. A step covers 128 bytes of each
-        # weight row; K is split until ~4 programs per SM.
+        # weight row; K is split until ~4 programs per SM, but into no slices shorter than
+        # ~2048 (the H100 split sweep of tools/bench_kernels.py, 2026-11-24: at 5120 x 5120
+        # 3 splits took 15.1 us against 17.4 us for the 7 that the programs rule alone gives).
         bm = max(16, next_pow2(M))
         bn = 64
         want = max(1, 128 // (G // 2 if bits == 4 else G))
         groups = max(d for d in (1, 2, 4, 8) if d <= want and n_groups % d == 0)
         tiles = cdiv(M, bm) * cdiv(N, bn)
         waves = 4 if bm <= 32 else 2
-        split = max(1, min(cdiv(waves * num_sms(device), tiles), n_groups // groups // 2, 16))
+        by_sms = cdiv(waves * num_sms(device), tiles)
+        split = max(1, min(by_sms, cdiv(K, 2048), n_groups // groups // 2, 16))
         return QConfig(bm, bn, groups, split, num_warps=4, num_stages=3, REDUCE=SPLIT_REDUCE)
     return QConfig(128, 128, 1, 1, num_warps=8, num_stages=4)
 
