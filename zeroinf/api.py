@@ -186,6 +186,7 @@ class Model:
                     f"({longest}) and fit the model's {self.config.max_positions} positions"
                 )
             cache = cache_tokens
+        self._decode.clear()  # generate()'s cache of the last call: free it for this one's
         self._check_kv_fits(batch_size, cache)
         yield from generate_refill(
             self.executor, reqs, gc, batch_size, self._new_kv, self.device, cache, self.group

@@ -99,6 +99,7 @@ def test_int8_kv_refill_equals_one_at_a_time(tmp_path: Path) -> None:
     prompts = [torch.randint(4, 64, (int(n),), generator=g).tolist() for n in (5, 9, 3, 7, 4)]
     with zeroinf.load(path, device="cpu", gpu_memory=None, kv_dtype="int8") as model:
         want = [model.generate([p], max_new_tokens=6)[0, len(p) :].tolist() for p in prompts]
+        assert model._decode.kv  # generate() keeps its cache for a next call of its shape
         got = dict(
             (req.key, toks)
             for req, toks in model.generate_stream(
@@ -106,3 +107,4 @@ def test_int8_kv_refill_equals_one_at_a_time(tmp_path: Path) -> None:
             )  # fmt: skip
         )
     assert [got[i] for i in range(len(prompts))] == want
+    assert not model._decode.kv  # freed before the stream allocated its own
