@@ -54,38 +54,6 @@ class _Row:
     tokens: list[int] = field(default_factory=list)
     gen: torch.Generator | None = None
     prefill: bool = True  # admitted in this pass: the next pass runs its prompt
-    issued: int = 0  # tokens sampled so far (their values may not be read yet)
-
-
-class _TokenReads:
-    """One pass's sampled tokens, copied to host memory behind the GPU's work and read after
-    the next pass has been issued. [rows] int64, pinned on a GPU (so the copy is asynchronous)."""
-
-    def __init__(self, rows: int, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-        self.buf = torch.empty(rows, dtype=torch.long, pin_memory=self.cuda)
-        self.pending: tuple[list[_Row], int, torch.cuda.Event | None, list[_Row]] | None = None
-
-    def put(self, rows: list[_Row], toks: torch.Tensor, ended: list[_Row]) -> None:
-        """rows[k] sampled toks[k]; `ended` are the rows this pass finished."""
-        self.buf[: len(rows)].copy_(toks, non_blocking=True)
-        ev = None
-        if self.cuda:
-            ev = torch.cuda.Event()
-            ev.record()
-        self.pending = (rows, len(rows), ev, ended)
-
-    def get(self) -> list[tuple[Request, list[int]]]:
-        """Append the pending tokens to their rows; the finished rows' (request, tokens)."""
-        if self.pending is None:
-            return []
-        rows, n, ev, ended = self.pending
-        self.pending = None
-        if ev is not None:
-            ev.synchronize()
-        for row, tok in zip(rows, self.buf[:n].tolist(), strict=True):
-            row.tokens.append(tok)
-        return [(r.req, r.tokens) for r in ended]
 
 
 def generate_refill(
@@ -117,7 +85,6 @@ def generate_refill(
     mask = torch.zeros(batch_size, cache_tokens, dtype=torch.long, device=device)
     last = torch.zeros(batch_size, dtype=torch.long, device=device)  # each row's newest token
     eos = set(gc.eos_token_id)
-    reads = _TokenReads(batch_size, device)
     t = -1  # the cache index the next pass writes decode tokens at
     left = 0  # passes agreed with the group and not yet run (a single process: one at a time)
     try:
@@ -154,32 +121,14 @@ def generate_refill(
             gens = [rows[i].gen for i in order] if gc.do_sample else None  # one per row
             toks = sample(logits, gc, gens)
             last[order] = toks
-            if eos:  # a row's end depends on its token: read them now (a host sync per pass)
-                for i, tok in zip(order, toks.tolist(), strict=True):
-                    row = rows[i]
-                    row.prefill = False
-                    row.tokens.append(tok)
-                    if tok in eos or len(row.tokens) == row.req.max_new_tokens:
-                        yield row.req, row.tokens
-                        rows[i] = None
-                        mask[i, :] = 0
-                continue
-            # Without EOS a row ends after its own count of tokens: the next pass is issued
-            # before this pass's tokens are read, so the host never waits for the GPU between
-            # passes (the copy link would idle meanwhile); finished rows come out a pass later.
-            ended, objs = [], [rows[i] for i in order]
-            for i in order:
+            for i, tok in zip(order, toks.tolist(), strict=True):  # one host sync per pass
                 row = rows[i]
                 row.prefill = False
-                row.issued += 1
-                if row.issued == row.req.max_new_tokens:
-                    ended.append(row)
+                row.tokens.append(tok)
+                if tok in eos or len(row.tokens) == row.req.max_new_tokens:
+                    yield row.req, row.tokens
                     rows[i] = None
                     mask[i, :] = 0
-            done = reads.get()  # the previous pass's tokens, while this pass runs
-            reads.put(objs, toks, ended)
-            yield from done
-        yield from reads.get()
     except BaseException:
         # an error, or the caller closing the stream early (GeneratorExit at a yield): the
         # passes this rank agreed to still run, so the others (and this rank's finish()) stay
