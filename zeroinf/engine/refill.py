@@ -9,8 +9,9 @@ masked out (positions count only a row's own tokens), so a row never sees its pr
 the write index reaches the cache's end, every row's live window moves left by the oldest live
 start (one copy of the KV cache).
 
-Each pass is one call of the streaming loop with several micro-batches: runs of adjacent decoding
-rows, and one micro-batch per admitted prompt.
+Each pass is one call of the streaming loop with one micro-batch spanning the decoding rows
+(empty rows and rows being prefilled inside the span ride along, their results dropped) and one
+micro-batch per admitted prompt.
 
 With ranks (engine/distributed.py), every pass all-gathers each streamed unit, so the ranks of a
 group must run the same number of passes, but refill cannot know its pass count up front. So
@@ -103,21 +104,32 @@ def generate_refill(
             t = max([t] + [len(r.req.ids) - 1 for r in rows if r is not None and r.prefill])
             if t >= cache_tokens:
                 t = _compact(rows, mask, kv, t)
-            parts, order = [], []
-            for a, b, prefill in _runs(rows):
-                if prefill:
-                    p = len(rows[a].req.ids)  # one row: its prompt ends at index t
-                    mask[a, :] = 0
-                    mask[a, t - p + 1 : t + 1] = 1
-                    ids = torch.tensor([rows[a].req.ids], dtype=torch.long, device=device)
-                    ctx = build_context(mask[a:b], t - p + 1, p)
-                else:
-                    mask[a:b, t] = 1
-                    ids = last[a:b, None]
-                    ctx = build_context(mask[a:b], t, 1)
-                parts.append(MicroBatch(ids, ctx, [c.rows(a, b) for c in kv]))
-                order += range(a, b)
-            logits = torch.cat(executor.forward(parts))  # [rows in `order`, V]
+            decoding = [i for i, r in enumerate(rows) if r is not None and not r.prefill]
+            admitted = [i for i, r in enumerate(rows) if r is not None and r.prefill]
+            parts: list[MicroBatch] = []
+            if decoding:
+                # One micro-batch spans every decoding row, so each unit's weights are read
+                # once for all of them (not once per run of adjacent rows: as rows finish and
+                # prompts arrive, runs fragment into dozens). Empty rows and rows being
+                # prefilled inside the span ride along: their results are dropped, and their
+                # writes at index t are masked (empty) or overwritten by the prefill below,
+                # which comes after the span in every unit.
+                a, b = decoding[0], decoding[-1] + 1
+                mask[decoding, t] = 1
+                parts.append(MicroBatch(last[a:b, None], build_context(mask[a:b], t, 1),
+                                        [c.rows(a, b) for c in kv]))  # fmt: skip
+            for a in admitted:
+                p = len(rows[a].req.ids)  # one row: its prompt ends at index t
+                mask[a, :] = 0
+                mask[a, t - p + 1 : t + 1] = 1
+                ids = torch.tensor([rows[a].req.ids], dtype=torch.long, device=device)
+                ctx = build_context(mask[a : a + 1], t - p + 1, p)
+                parts.append(MicroBatch(ids, ctx, [c.rows(a, a + 1) for c in kv]))
+            out = executor.forward(parts)
+            if decoding:  # the span's rows that decode
+                out[0] = out[0][torch.tensor(decoding, device=device) - decoding[0]]
+            logits = torch.cat(out)  # [rows in `order`, V]
+            order = decoding + admitted
             gens = [rows[i].gen for i in order] if gc.do_sample else None  # one per row
             toks = sample(logits, gc, gens)
             last[order] = toks
@@ -156,23 +168,6 @@ def _admit(req: Request, gc: GenerationConfig, device: torch.device) -> _Row:
         gen = torch.Generator(device=device)
         gen.manual_seed(req.seed if req.seed is not None else torch.seed())
     return _Row(req, gen=gen)
-
-
-def _runs(rows: list[_Row | None]) -> Iterator[tuple[int, int, bool]]:
-    """(start, stop, is_prefill): adjacent decoding rows together, each admitted prompt alone."""
-    i = 0
-    while i < len(rows):
-        if rows[i] is None:
-            i += 1
-        elif rows[i].prefill:
-            yield i, i + 1, True
-            i += 1
-        else:
-            j = i
-            while j < len(rows) and rows[j] is not None and not rows[j].prefill:
-                j += 1
-            yield i, j, False
-            i = j
 
 
 def _compact(rows: list[_Row | None], mask: torch.Tensor, kv: list[LayerKV], t: int) -> int:
