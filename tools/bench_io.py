@@ -129,10 +129,10 @@ def run_reader(
     return {"bytes": nbytes, "seconds": secs, "gbps": nbytes / secs / GB}
 
 
-def run_h2d(nbytes: int = 1 << 30, repeat: int = 5) -> dict[str, Any]:
-    from zeroinf.engine.prefetcher import measure_h2d  # the figure the executor plans with
+def run_h2d(nbytes: int = 1 << 30) -> dict[str, Any]:
+    from zeroinf.engine.probe import measure_h2d  # the figure the executor plans with
 
-    bps = measure_h2d(torch.device("cuda"), nbytes, repeat)
+    bps = measure_h2d(torch.device("cuda"), nbytes)
     return {"bytes": nbytes, "seconds": nbytes / bps, "gbps": bps / GB}
 
 

@@ -264,7 +264,7 @@ def finish(res: dict, rates: Any, offload: str, device: torch.device) -> None:
     again on a GPU, the faster count kept: a shared host's link is noisy, as zeroinf-bench
     does), and the refill / static ratios."""
     if device.type == "cuda":
-        from zeroinf.engine.prefetcher import measure_h2d
+        from zeroinf.engine.probe import measure_h2d
 
         again = measure_h2d(device, nbytes=512 << 20)
         res["measured"]["h2d_bytes_per_s_after"] = again

@@ -21,7 +21,8 @@ from zeroinf.engine.executor import Executor
 from zeroinf.engine.generate import DecodeState, GenerationConfig, GenerationStats, generate
 from zeroinf.engine.kvcache import check_kv_dtype, kv_token_bytes, new_kv_cache
 from zeroinf.engine.plan import Plan, make_plan
-from zeroinf.engine.prefetcher import Prefetcher, Trace, measure_h2d
+from zeroinf.engine.prefetcher import Prefetcher, Trace
+from zeroinf.engine.probe import measure_h2d
 from zeroinf.engine.refill import Request, generate_refill
 from zeroinf.errors import CheckpointError, ConfigError, PlanError
 from zeroinf.format import DTYPES, Checkpoint

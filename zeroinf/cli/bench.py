@@ -268,7 +268,7 @@ def measure(
     profile = model.prefetcher.copy_profile() if a.trace and device.type == "cuda" else {}
     plan = model.plan
     if device.type == "cuda":  # H2D is noisy on a shared host: measure again, count the faster
-        from zeroinf.engine.prefetcher import measure_h2d
+        from zeroinf.engine.probe import measure_h2d
 
         mach["h2d_bytes_per_s_after"] = measure_h2d(device, nbytes=512 << 20)
         mach["h2d_bytes_per_s"] = max(mach["h2d_bytes_per_s"], mach["h2d_bytes_per_s_after"])

@@ -397,19 +397,3 @@ class Prefetcher:
             self.arena = None
         self._staging = []
         self.reader.close()
-
-
-def measure_h2d(device: torch.device, nbytes: int = 256 << 20, repeat: int = 9) -> float:
-    """Pinned host -> device copy bandwidth in bytes/s (median of `repeat` copies)."""
-    src = aligned_empty(nbytes, pin=True)
-    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    times = []
-    for _ in range(repeat + 1):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        dst.copy_(src, non_blocking=True)
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-    times = sorted(times[1:])  # the first copy warms up
-    return nbytes / times[len(times) // 2]

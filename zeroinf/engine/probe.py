@@ -169,6 +169,11 @@ def measure_copy(device: torch.device, nbytes: int) -> tuple[float, float]:
     return h2d, d2h
 
 
+def measure_h2d(device: torch.device, nbytes: int = 256 << 20) -> float:
+    """Pinned host -> device bytes/s (the figure a plan's predicted transfer time uses)."""
+    return measure_copy(device, nbytes)[0]
+
+
 def measure_cpu_attention(dtype: torch.dtype, large: bool) -> float:
     """KV bytes/s that torch SDPA on the host reads for one decode token per row (what a host
     KV tier would run): q [B, H, 1, D] against k, v [B, H, T, D]."""
