@@ -256,3 +256,37 @@ def test_cuda_without_a_gpu_exits_2(ckpt: Path, tmp_path: Path,
     code, _, err = run_cli(capsys, "--model", ckpt, "--input", inp, "--output",
                            tmp_path / "out.jsonl", "--device", "cuda")  # fmt: skip
     assert code == 2 and "CUDA is not available" in one_error_line(err)
+
+
+def test_kv_dtype_int8_equals_the_python_api(
+    ckpt: Path,
+    tok: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """--kv-dtype int8 reaches zeroinf.load, and greedy results equal the Python API's with
+    kv_dtype="int8"."""
+    seen = []
+    real_load = zeroinf.load
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen.append(kwargs.get("kv_dtype"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(zeroinf, "load", spy)
+    recs = [{"id": i, "prompt": " ".join(f"w{(7 * i + j) % 40}" for j in range(3 + i))}
+            for i in range(6)]  # fmt: skip
+    inp = write_jsonl(tmp_path / "in.jsonl", recs)
+    out = tmp_path / "out.jsonl"
+    code, _, err = run_cli(capsys, "--model", ckpt, "--input", inp, "--output", out,
+                           "--device", "cpu", "--gpu-memory", streaming_budget(ckpt),
+                           "--batch-size", "2", "--max-new-tokens", 12, "--temperature", 0,
+                           "--kv-dtype", "int8")  # fmt: skip
+    assert code == 0, err
+    assert seen == ["int8"]
+    with real_load(ckpt, device="cpu", gpu_memory=None, progress=False, kv_dtype="int8") as m:
+        want = {json.dumps(r["id"]): api_result(m, tok, r["id"], tok(r["prompt"])["input_ids"],
+                                                12, 0, 0, 1.0, 0)
+                for r in recs}  # fmt: skip
+    assert read_results(out) == want

@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--prefetch", type=int, default=2, help="layers streamed ahead (default: 2)")
     m.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
                    help="weights dtype (default: the checkpoint's)")  # fmt: skip
+    m.add_argument("--kv-dtype", choices=("int8",),
+                   help="store the KV cache as int8 (about half the bytes: larger batches; "
+                   "lossy, so off by default)")  # fmt: skip
     g = p.add_argument_group("generation (a record's own fields override these)")
     g.add_argument("--batch-size", type=_batch_size, default="auto",
                    help="records per batch, or 'auto' (default): the planner's batch for the "
@@ -248,7 +251,8 @@ def run(a: argparse.Namespace) -> int:
                        max_batch_size=max(1, todo))  # fmt: skip
     model = zeroinf.load(
         a.model, device=device, offload=a.offload, gpu_memory=gpu_memory, nvme_dir=a.nvme_dir,
-        prefetch=a.prefetch, dtype=a.dtype, progress=not a.quiet, **planned,
+        prefetch=a.prefetch, dtype=a.dtype, progress=not a.quiet, kv_dtype=a.kv_dtype,
+        **planned,
     )  # fmt: skip
     batch = a.batch_size
     if batch == "auto":
