@@ -11,7 +11,7 @@ start (one copy of the KV cache).
 
 Each pass is one call of the streaming loop with one micro-batch spanning the decoding rows
 (empty rows and rows being prefilled inside the span ride along, their results dropped) and one
-micro-batch per admitted prompt.
+micro-batch per run of adjacent admitted prompts (left padded to the run's longest).
 
 With ranks (engine/distributed.py), every pass all-gathers each streamed unit, so the ranks of a
 group must run the same number of passes, but refill cannot know its pass count up front. So
@@ -118,13 +118,19 @@ def generate_refill(
                 mask[decoding, t] = 1
                 parts.append(MicroBatch(last[a:b, None], build_context(mask[a:b], t, 1),
                                         [c.rows(a, b) for c in kv]))  # fmt: skip
-            for a in admitted:
-                p = len(rows[a].req.ids)  # one row: its prompt ends at index t
-                mask[a, :] = 0
-                mask[a, t - p + 1 : t + 1] = 1
-                ids = torch.tensor([rows[a].req.ids], dtype=torch.long, device=device)
-                ctx = build_context(mask[a : a + 1], t - p + 1, p)
-                parts.append(MicroBatch(ids, ctx, [c.rows(a, a + 1) for c in kv]))
+            for a, b in _adjacent(admitted):
+                # prompts of adjacent admitted rows prefill together, left padded to the
+                # longest (P): each prompt ends at index t; the padding's keys, written before
+                # a row's prompt, stay masked like its predecessor's
+                prompts = [rows[i].req.ids for i in range(a, b)]
+                P = max(len(q) for q in prompts)
+                for i, q in zip(range(a, b), prompts, strict=True):
+                    mask[i, :] = 0
+                    mask[i, t - len(q) + 1 : t + 1] = 1
+                padded = [[0] * (P - len(q)) + q for q in prompts]
+                ids = torch.tensor(padded, dtype=torch.long, device=device)
+                ctx = build_context(mask[a:b], t - P + 1, P)
+                parts.append(MicroBatch(ids, ctx, [c.rows(a, b) for c in kv]))
             out = executor.forward(parts)
             if decoding:  # the span's rows that decode
                 out[0] = out[0][torch.tensor(decoding, device=device) - decoding[0]]
@@ -168,6 +174,17 @@ def _admit(req: Request, gc: GenerationConfig, device: torch.device) -> _Row:
         gen = torch.Generator(device=device)
         gen.manual_seed(req.seed if req.seed is not None else torch.seed())
     return _Row(req, gen=gen)
+
+
+def _adjacent(indices: list[int]) -> Iterator[tuple[int, int]]:
+    """Sorted row indices -> (start, stop) of each run of consecutive ones."""
+    i = 0
+    while i < len(indices):
+        j = i
+        while j + 1 < len(indices) and indices[j + 1] == indices[j] + 1:
+            j += 1
+        yield indices[i], indices[j] + 1
+        i = j + 1
 
 
 def _compact(rows: list[_Row | None], mask: torch.Tensor, kv: list[LayerKV], t: int) -> int:
