@@ -119,7 +119,7 @@ class Model:
             seed=tuple(seed) if isinstance(seed, list) else seed,
             pad_token_id=self._pad_default if pad_token_id is None else pad_token_id,
         )  # fmt: skip
-        if not self._decode.matches((ids.shape[0], total, self.micro_batch or ids.shape[0])):
+        if not self._decode.matches(ids.shape[0], total, self.micro_batch):
             self._decode.clear()  # another shape: free the last call's cache first
             self._check_kv_fits(ids.shape[0], total)
         passes = self.group.agree_passes(max_new_tokens) if self.group else None

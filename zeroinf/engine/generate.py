@@ -117,7 +117,7 @@ def generate(
     chunk_rows = max(1, (prefill_tokens or b * p) // p)
     step_rows = decode_rows or b
     state = state or DecodeState()
-    kv = state.prepare((b, total, step_rows), lambda: new_kv(b, total))
+    kv = state.prepare(b, total, decode_rows, new_kv)
     mask = torch.ones(b, total, dtype=torch.long, device=dev)
     mask[:, :p] = attention_mask
     out = torch.full((b, total), gc.pad_token_id, dtype=ids.dtype, device=dev)
@@ -192,26 +192,30 @@ class DecodeState:
     written, so they get a zero weight."""
 
     def __init__(self) -> None:
-        self.key: tuple[int, ...] | None = None
+        self.shape: tuple[int, int, int] | None = None  # (batch, cache tokens, decode rows)
         self.kv: list[LayerKV] = []
         self.static: list[MicroBatch] | None = None
         self.graphs: DecodeGraphs | None = None
 
-    def matches(self, key: tuple[int, ...]) -> bool:
-        return self.key == key
+    def matches(self, batch: int, tokens: int, decode_rows: int | None) -> bool:
+        return self.shape == (batch, tokens, decode_rows or batch)
 
-    def prepare(self, key: tuple[int, ...], new_kv: Callable[[], list[LayerKV]]) -> list[LayerKV]:
-        if self.key != key:
+    def prepare(
+        self, batch: int, tokens: int, decode_rows: int | None,
+        new_kv: Callable[[int, int], list[LayerKV]],
+    ) -> list[LayerKV]:  # fmt: skip
+        """The KV cache for this shape: the kept one, or (another shape) a new one."""
+        if not self.matches(batch, tokens, decode_rows):
             self.clear()
-            self.kv = new_kv()
-            self.key = key
+            self.kv = new_kv(batch, tokens)
+            self.shape = (batch, tokens, decode_rows or batch)
         return self.kv
 
     def clear(self) -> None:
         """Free the cache and the graphs (before another shape allocates its own)."""
         if self.graphs is not None:
             self.graphs.close()
-        self.key, self.kv, self.static, self.graphs = None, [], None, None
+        self.shape, self.kv, self.static, self.graphs = None, [], None, None
 
 
 class _Clock:
