@@ -42,7 +42,7 @@ from kernels._common import (
     next_pow2,
     num_sms,
 )
-from kernels.kv_quant import dequantize_kv
+from kernels.kv_quant import cache_prefix
 
 LOG2E = 1.4426950408889634
 
@@ -372,24 +372,6 @@ def decode_attention(
     return o
 
 
-def _valid_kv(
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    length: int,
-    k_scale: torch.Tensor | None,
-    v_scale: torch.Tensor | None,
-    dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys and values [0, length) in dtype: int8 caches dequantized (kv_quant.dequantize_kv)."""
-    k, v = k_cache[:, :, :length], v_cache[:, :, :length]
-    if k_cache.dtype == torch.int8:
-        check(k_scale is not None and v_scale is not None, "int8 caches need k_scale, v_scale")
-        assert k_scale is not None and v_scale is not None
-        k = dequantize_kv(k, k_scale[:, :, :length], dtype)
-        v = dequantize_kv(v, v_scale[:, :, :length], dtype)
-    return k.to(dtype), v.to(dtype)
-
-
 def decode_attention_ref(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -405,7 +387,7 @@ def decode_attention_ref(
     int8 cache to q's dtype, expand kv heads, SDPA. A tensor length is read on the host."""
     B, H, _, D = q.shape
     length = int(length)
-    keys, values = _valid_kv(k_cache, v_cache, length, k_scale, v_scale, q.dtype)
+    keys, values = cache_prefix(k_cache, v_cache, length, k_scale, v_scale, q.dtype)
     n_rep = H // keys.shape[1]
     if n_rep > 1:
         keys = keys[:, :, None].expand(B, -1, n_rep, length, D).reshape(B, H, length, D)
@@ -430,7 +412,7 @@ def decode_attention_oracle(
     B, H, _, D = q.shape
     Hkv = k_cache.shape[1]
     length = int(length)
-    k, v = _valid_kv(k_cache, v_cache, length, k_scale, v_scale, torch.float64)
+    k, v = cache_prefix(k_cache, v_cache, length, k_scale, v_scale, torch.float64)
     k = k.repeat_interleave(H // Hkv, dim=1)  # [B, H, T, D]
     v = v.repeat_interleave(H // Hkv, dim=1)
     s = (q.double() @ k.transpose(-1, -2)) * (D**-0.5 if scale is None else scale)  # [B,H,1,T]

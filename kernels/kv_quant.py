@@ -162,3 +162,22 @@ def dequantize_kv(
     check(scale.shape == q.shape[:-1], f"scale: shape {tuple(scale.shape)} != {q.shape[:-1]}")
     ct = torch.float64 if dtype == torch.float64 else torch.float32
     return (q.to(ct) * scale.to(ct)[..., None]).to(dtype)
+
+
+def cache_prefix(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    end: int | None,
+    k_scale: torch.Tensor | None,
+    v_scale: torch.Tensor | None,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values of cache indices [0, end) (all of them when end is None) in `dtype`:
+    caches [B, Hkv, T_max, D], int8 ones dequantized with their scales [B, Hkv, T_max]."""
+    k, v = k_cache[:, :, :end], v_cache[:, :, :end]
+    if k_cache.dtype == torch.int8:
+        check(k_scale is not None and v_scale is not None, "int8 caches need k_scale, v_scale")
+        assert k_scale is not None and v_scale is not None
+        k = dequantize_kv(k, k_scale[:, :, :end], dtype)
+        v = dequantize_kv(v, v_scale[:, :, :end], dtype)
+    return k.to(dtype), v.to(dtype)

@@ -12,7 +12,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kernels.kv_quant import dequantize_kv, quantize_kv
+import kernels
+from kernels.kv_quant import cache_prefix, quantize_kv
 from zeroinf.models.base import Context, LayerKV, QuantWeight
 from zeroinf.models.config import ModelConfig, Rope
 
@@ -21,8 +22,6 @@ def linear(
     x: torch.Tensor, w: torch.Tensor | QuantWeight, b: torch.Tensor | None = None
 ) -> torch.Tensor:
     if isinstance(w, QuantWeight):  # never materialises the float weight on a GPU
-        import kernels
-
         fn = kernels.qmatmul if x.is_cuda and kernels.HAS_TRITON_GPU else kernels.qmatmul_ref
         return fn(x.contiguous(), w.qweight, w.scales, w.zeros, b)
     return F.linear(x, w, b)
@@ -180,22 +179,13 @@ def attend(
     """
     B, H, S, D = q.shape
     write_kv(kv, ctx, k, v)
-    if S == 1 and ctx.write_index is not None and q.is_cuda:
-        import kernels
-
-        if kernels.HAS_TRITON_GPU:  # GQA without expanding kv heads, int8 read in the kernel
-            key_mask = window_mask(ctx, window)[:, 0, 0]  # [B, T_max]
-            o = kernels.decode_attention(
-                q,
-                kv.k,
-                kv.v,
-                kv.k.shape[2],
-                key_mask=key_mask,
-                scale=scale,
-                k_scale=kv.k_scale,
-                v_scale=kv.v_scale,
-            )
-            return o.view(B, 1, H * D)  # o [B, H, 1, D] contiguous  # fmt: skip
+    if S == 1 and ctx.write_index is not None and q.is_cuda and kernels.HAS_TRITON_GPU:
+        # GQA without expanding kv heads, an int8 cache read inside the kernel
+        key_mask = window_mask(ctx, window)[:, 0, 0]  # [B, T_max]
+        T = kv.k.shape[2]
+        o = kernels.decode_attention(q, kv.k, kv.v, T, key_mask=key_mask, scale=scale,
+                                     k_scale=kv.k_scale, v_scale=kv.v_scale)  # fmt: skip
+        return o.view(B, 1, H * D)  # o [B, H, 1, D] contiguous
     if kv.quantized and ctx.write_index is None and S > 1:
         # A prefill attends over its own keys as computed, not over their int8 round trip
         # (transformers' QuantizedCache does the same), and over earlier ones from the cache.
@@ -242,13 +232,7 @@ def write_kv(kv: LayerKV, ctx: Context, k: torch.Tensor, v: torch.Tensor) -> Non
 def read_kv(kv: LayerKV, end: int | None, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys and values of cache indices 0 .. end-1 (all of them when end is None) in `dtype`:
     each [B, Hkv, T, D]."""
-    if kv.quantized:
-        assert kv.k_scale is not None and kv.v_scale is not None
-        return (
-            dequantize_kv(kv.k[:, :, :end], kv.k_scale[:, :, :end], dtype),
-            dequantize_kv(kv.v[:, :, :end], kv.v_scale[:, :, :end], dtype),
-        )
-    return kv.k[:, :, :end].to(dtype), kv.v[:, :, :end].to(dtype)
+    return cache_prefix(kv.k, kv.v, end, kv.k_scale, kv.v_scale, dtype)
 
 
 def precompute(ctx: Context, cfg: ModelConfig, dtype: torch.dtype) -> None:
