@@ -28,29 +28,20 @@ def linear(
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    """LlamaRMSNorm: normalise in float32, cast back, then scale (the order matters in bf16)."""
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return w * xf.to(x.dtype)
+    """LlamaRMSNorm: normalise in float32, cast back, then scale (the order matters in bf16);
+    kernels.rms_norm_ref is this math, and the fused kernel's reference."""
+    return kernels.rms_norm_ref(x, w, eps)[0]
 
 
 def layer_norm(
     x: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None, eps: float
 ) -> torch.Tensor:
-    return F.layer_norm(x, (x.shape[-1],), w, b, eps)
+    return kernels.layer_norm_ref(x, w, b, eps)[0]
 
 
 def activation(x: torch.Tensor, act: str) -> torch.Tensor:
-    """act is a normalised name (config.ACTIVATIONS)."""
-    if act == "silu":
-        return F.silu(x)
-    if act == "gelu":
-        return F.gelu(x)
-    if act == "gelu_tanh":
-        return F.gelu(x, approximate="tanh")
-    if act == "relu":
-        return F.relu(x)
-    raise AssertionError(f"unreachable: activation {act!r} passed ModelConfig validation")
+    """act is a normalised name (config.ACTIVATIONS, the same set as kernels.act.ACTS)."""
+    return kernels.activation_ref(x, act)
 
 
 def gated_mlp(
