@@ -276,10 +276,13 @@ def measure(
     stream_bw = min(disk, h2d) if disk is not None and a.offload == "nvme" else h2d
     machine = Machine(stream_bw, mach["flops"], mach["hbm_bytes_per_s"])
     cost = ModelCost.from_manifest(ckpt.manifest)
-    if a.kv_dtype == "int8":  # the cache's own bytes: int8 values and a float32 scale
+    if a.kv_dtype is not None:  # the cache's own bytes
         from dataclasses import replace
 
-        cost = replace(cost, kv_vector_bytes=cost.head_dim + 4)
+        from zeroinf.engine.kvcache import kv_vector_bytes
+
+        per_vector = kv_vector_bytes(cost.head_dim, cost.itemsize, a.kv_dtype)
+        cost = replace(cost, kv_vector_bytes=per_vector)
     pre_floor, dec_floor = roofline_seconds(
         cost, plan.rank_streamed_bytes, machine, batch, a.prompt_len, st.new_tokens
     )

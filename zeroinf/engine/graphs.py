@@ -14,14 +14,14 @@ shape from step to step.
   pair (per micro-batch, shape and dtype), which unit j + 1 reads;
 - the step's context: the whole-cache form (models.base.Context.write_index), whose tensors
   and per-step memo the caller refreshes in place before every pass (refresh_context);
-- the KV cache: allocated once per generate call, like this object.
+- the KV cache: kept, like this object, for as long as calls keep its shape
+  (engine/generate.py DecodeState).
 The waits that order a unit after its copy (prefetcher.acquire) and the slot's release after
 the compute are recorded on the current stream around each replay, as for eager compute.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -29,11 +29,10 @@ import torch
 
 from zeroinf.models.base import Context
 
-log = logging.getLogger("zeroinf")
-
 
 class DecodeGraphs:
-    """Captured unit computations of one generate call's decode passes."""
+    """Captured unit computations of the decode passes of one shape (batch, cache length,
+    micro-batch rows)."""
 
     def __init__(self, capture_stream: torch.cuda.Stream) -> None:
         self.stream = capture_stream

@@ -1,7 +1,7 @@
 """The KV cache: its size per token and its allocation, in the model's dtype or int8.
 
 int8 stores each (row, kv head, token) vector of K and of V as int8 values with one float32
-scale (models.layers.quantize_kv): D + 4 bytes instead of 2 * D, i.e. 0.52 x a 16-bit cache at
+scale (kernels.kv_quant.quantize_kv): D + 4 bytes instead of 2 * D, i.e. 0.52 x a 16-bit cache at
 head_dim 128. It is lossy, so it is only ever the user's choice (`kv_dtype="int8"`), never a
 planner's.
 """
@@ -23,10 +23,16 @@ def check_kv_dtype(kv_dtype: str | None) -> str | None:
     return kv_dtype
 
 
+def kv_vector_bytes(head_dim: int, itemsize: int, kv_dtype: str | None) -> int:
+    """Bytes of one cached key (or value) vector: int8 values and a float32 scale, or D
+    values of the model's dtype."""
+    check_kv_dtype(kv_dtype)
+    return head_dim + 4 if kv_dtype == "int8" else head_dim * itemsize
+
+
 def kv_token_bytes(cfg: ModelConfig, itemsize: int, kv_dtype: str | None) -> int:
     """Bytes of K and V over all layers for one token of one sequence."""
-    check_kv_dtype(kv_dtype)
-    per_vector = cfg.head_dim + 4 if kv_dtype == "int8" else cfg.head_dim * itemsize
+    per_vector = kv_vector_bytes(cfg.head_dim, itemsize, kv_dtype)
     return 2 * cfg.num_layers * cfg.num_kv_heads * per_vector
 
 
