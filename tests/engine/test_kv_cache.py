@@ -96,7 +96,7 @@ def test_int8_kv_refill_equals_one_at_a_time(tmp_path: Path) -> None:
     save_tiny_hf(tmp_path / "hf", "llama", seed=5)
     path = convert(tmp_path / "hf", tmp_path / "zi", progress=False)
     g = torch.Generator().manual_seed(4)
-    prompts = [torch.randint(4, 64, (int(n),), generator=g).tolist() for n in (5, 9, 3, 7, 4)]
+    prompts = [torch.randint(4, 64, (int(n),), generator=g).tolist() for n in (5, 1, 9, 3, 7, 1, 4)]
     with zeroinf.load(path, device="cpu", gpu_memory=None, kv_dtype="int8") as model:
         want = [model.generate([p], max_new_tokens=6)[0, len(p) :].tolist() for p in prompts]
         assert model._decode.kv  # generate() keeps its cache for a next call of its shape

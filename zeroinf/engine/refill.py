@@ -118,7 +118,10 @@ def generate_refill(
                 mask[decoding, t] = 1
                 parts.append(MicroBatch(last[a:b, None], build_context(mask[a:b], t, 1),
                                         [c.rows(a, b) for c in kv]))  # fmt: skip
-            for a, b in _adjacent(admitted):
+            # one-token prompts prefill alone: an int8 cache's prefill rule goes by the step's
+            # length (models.layers.attend), and generate() prefills them as one-token steps
+            alone = {i for i in admitted if len(rows[i].req.ids) == 1}
+            for a, b in _adjacent(admitted, alone):
                 # prompts of adjacent admitted rows prefill together, left padded to the
                 # longest (P): each prompt ends at index t; the padding's keys, written before
                 # a row's prompt, stay masked like its predecessor's
@@ -176,12 +179,14 @@ def _admit(req: Request, gc: GenerationConfig, device: torch.device) -> _Row:
     return _Row(req, gen=gen)
 
 
-def _adjacent(indices: list[int]) -> Iterator[tuple[int, int]]:
-    """Sorted row indices -> (start, stop) of each run of consecutive ones."""
+def _adjacent(indices: list[int], alone: set[int]) -> Iterator[tuple[int, int]]:
+    """Sorted row indices -> (start, stop) of each run of consecutive ones; an index in
+    `alone` is a run of its own."""
     i = 0
     while i < len(indices):
         j = i
-        while j + 1 < len(indices) and indices[j + 1] == indices[j] + 1:
+        while (j + 1 < len(indices) and indices[j + 1] == indices[j] + 1
+               and indices[j] not in alone and indices[j + 1] not in alone):  # fmt: skip
             j += 1
         yield indices[i], indices[j] + 1
         i = j + 1
