@@ -18,8 +18,9 @@ from zeroinf.engine.autoplan import auto_plan, check_batch_args, whole_budget
 from zeroinf.engine.costmodel import Budgets, Workload
 from zeroinf.engine.distributed import RankGroup, group_from_env, rank_device
 from zeroinf.engine.executor import Executor
+from zeroinf.engine.gather import gathered_bytes
 from zeroinf.engine.generate import DecodeState, GenerationConfig, GenerationStats, generate
-from zeroinf.engine.kvcache import check_kv_dtype, kv_token_bytes, new_kv_cache
+from zeroinf.engine.kvcache import check_kv_dtype, check_kv_tier, kv_token_bytes, new_kv_cache
 from zeroinf.engine.plan import Plan, make_plan
 from zeroinf.engine.prefetcher import Prefetcher, Trace
 from zeroinf.engine.probe import measure_h2d
@@ -72,7 +73,9 @@ class Model:
         return batch * tokens * kv_token_bytes(self.config, self.dtype.itemsize, self.kv_dtype)
 
     def _new_kv(self, batch: int, tokens: int) -> list[LayerKV]:
-        return new_kv_cache(self.config, batch, tokens, self.dtype, self.device, self.kv_dtype)
+        host = self.plan.kv_tier == "cpu"  # the host KV tier (models/host_attention.py)
+        return new_kv_cache(self.config, batch, tokens, self.dtype, self.device, self.kv_dtype,
+                            host)  # fmt: skip
 
     @torch.inference_mode()
     def generate(
@@ -133,6 +136,7 @@ class Model:
             passes=passes,
             prefill_tokens=self.prefill_tokens,
             decode_rows=self.micro_batch,
+            cuda_graphs=self.plan.kv_tier == "gpu",  # a graph cannot capture host attention
             state=self._decode,
         )
         return out.to(ids.device)
@@ -194,6 +198,9 @@ class Model:
         )
 
     def _check_kv_fits(self, batch: int, tokens: int) -> None:
+        if self.plan.kv_tier == "cpu":
+            _check_host_kv(self.kv_bytes(batch, tokens), batch, tokens)
+            return
         if self.device.type != "cuda":
             return
         need = self.kv_bytes(batch, tokens)
@@ -242,6 +249,18 @@ class Model:
             pass
 
 
+def _check_host_kv(need: int, batch: int, tokens: int) -> None:
+    """A host ("cpu" tier) KV cache must fit in the memory the host has available now."""
+    import psutil
+
+    have = psutil.virtual_memory().available
+    if need > have:
+        raise PlanError(
+            f"KV cache for batch {batch} x {tokens} tokens needs {fmt_bytes(need)} of host "
+            f"memory (kv_tier='cpu'), but only {fmt_bytes(have)} is available; lower the batch"
+        )
+
+
 def _eos_ids(eos_token_id: int | list[int] | None) -> tuple[int, ...]:
     """None: no end-of-sequence token (generate exactly max_new_tokens); an id or a list."""
     if eos_token_id is None:
@@ -278,6 +297,7 @@ def load(
     prompt_len: int | None = None,
     max_new_tokens: int | None = None,
     max_batch_size: int = 1024,
+    kv_tier: str | None = None,
 ) -> Model:
     """Load a zeroinf checkpoint (or a plain Hugging Face folder, converted once into a cache
     folder) for layer-streaming generation. See README.md for every argument."""
@@ -292,6 +312,7 @@ def load(
     if offload not in ("cpu", "nvme"):
         raise ConfigError(f"offload={offload!r}: must be 'cpu' or 'nvme'")
     check_kv_dtype(kv_dtype)
+    check_kv_tier(kv_tier)
     auto = check_batch_args(batch_size, prompt_len, max_new_tokens)
     dtype_name = _dtype_name(dtype)
     cache = Path(nvme_dir) if offload == "nvme" and nvme_dir is not None else None
@@ -314,39 +335,45 @@ def load(
         work = Workload(prompt_len, max_new_tokens, prefill_tokens, max_batch_size)
         budgets = Budgets(whole_budget(gpu_memory, device), parse_bytes(cpu_memory, "cpu_memory"),
                           offload, prefetch, group.world if group else 1)  # fmt: skip
-        plan = auto_plan(ckpt, device, work, budgets, kv_dtype, io_backend)
+        plan = auto_plan(ckpt, device, work, budgets, kv_dtype, io_backend, kv_tier=kv_tier)
     else:
         budget = parse_bytes(gpu_memory, "gpu_memory")
-        if budget is None:
-            budget = sum(u.nbytes for u in ckpt.units)  # everything resident
         h2d = measure_h2d(device) if device.type == "cuda" else None
-        cfg = ModelConfig.from_hf(ckpt.config)
-        itemsize = DTYPES[ckpt.manifest.dtype].itemsize
-        # On a GPU the budget also holds the activations of one prefill chunk (decode's are
-        # smaller).
-        workspace = workspace_bytes(cfg, itemsize, prefill_tokens) if device.type == "cuda" else 0
-        plan = make_plan(
-            [(u.name, u.nbytes) for u in ckpt.units],
-            budget,
-            offload,
-            prefetch,
-            str(device),
-            h2d,
-            world=group.world if group else 1,
-            workspace=workspace,
-        )
+        world = group.world if group else 1
+        plan = weights_plan(ckpt, budget, offload, prefetch, device, world, prefill_tokens, h2d)
         if batch_size is not None:  # the rows it serves, one micro-batch; the budget as above
             plan = dataclasses.replace(plan, micro_batch=batch_size)
+        plan = dataclasses.replace(plan, kv_tier=kv_tier or "gpu")
     cpu_budget = parse_bytes(cpu_memory, "cpu_memory")
-    if offload == "cpu" and cpu_budget is not None and plan.streamed_bytes > cpu_budget:
+    host = (plan.streamed_bytes if offload == "cpu" else 0) + plan.host_tier_bytes
+    host += plan.kv_host_bytes  # a planned "cpu"-tier KV cache
+    if cpu_budget is not None and host > cpu_budget:
         raise PlanError(
-            f"cpu_memory {fmt_bytes(cpu_budget)} cannot hold the {fmt_bytes(plan.streamed_bytes)} "
-            "of streamed units; raise cpu_memory, gpu_memory, or use offload='nvme'"
+            f"cpu_memory {fmt_bytes(cpu_budget)} cannot hold the {fmt_bytes(host)} of units the "
+            "plan keeps in host memory; raise cpu_memory, gpu_memory, or use offload='nvme'"
         )
     _check_host_memory(plan, device)
     log.info("%s", plan)
     return Model(ckpt, plan, device, io_backend=io_backend, trace=trace, group=group,
                  prefill_tokens=prefill_tokens, kv_dtype=kv_dtype)  # fmt: skip
+
+
+def weights_plan(
+    ckpt: Checkpoint, budget: int | None, offload: str, prefetch: int, device: torch.device,
+    world: int, prefill_tokens: int, h2d_bytes_per_s: float | None = None,
+) -> Plan:  # fmt: skip
+    """The plan for a given batch size: `budget` holds resident units, streaming slots and (on
+    a GPU) the activations of one prefill chunk (decode's are smaller); the KV cache comes on
+    top. The embed unit's table stays on the host when anything streams (engine/gather.py).
+    budget None: everything resident."""
+    itemsize = DTYPES[ckpt.manifest.dtype].itemsize
+    cfg = ModelConfig.from_hf(ckpt.config)
+    workspace = workspace_bytes(cfg, itemsize, prefill_tokens) if device.type == "cuda" else 0
+    units = [(u.name, u.nbytes) for u in ckpt.units]
+    if budget is None:
+        budget = sum(nb for _, nb in units) + workspace
+    return make_plan(units, budget, offload, prefetch, str(device), h2d_bytes_per_s, world,
+                     workspace, gathered=gathered_bytes(ckpt))  # fmt: skip
 
 
 def _check_shapes(ckpt: Checkpoint) -> None:
@@ -375,7 +402,8 @@ def _check_host_memory(plan: Plan, device: torch.device) -> None:
     must fit in the memory the host has available, before anything is allocated."""
     import psutil
 
-    need = plan.rank_streamed_bytes if plan.offload == "cpu" else 0
+    need = (plan.rank_streamed_bytes if plan.offload == "cpu" else 0) + plan.host_tier_bytes
+    need += plan.kv_host_bytes
     if device.type == "cpu":
         need += plan.resident_bytes
     have = psutil.virtual_memory().available

@@ -127,6 +127,19 @@ def save_tiny_tokenizer(folder: Path, vocab_size: int) -> None:
     fast.save_pretrained(folder)
 
 
+def tiny_prompts(
+    vocab: int, pads: tuple[int, ...] = (0, 2, 5), width: int = 7, seed: int = 3
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A left-padded batch for tests: ids [len(pads), width] drawn from 4..vocab-1 and an
+    attention mask with pads[i] leading zeros in row i."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, vocab, (len(pads), width), generator=g)
+    mask = torch.ones_like(ids)
+    for row, n in enumerate(pads):
+        mask[row, :n] = 0
+    return ids, mask
+
+
 def save_tiny_hf(
     folder: str | Path,
     model_type: str = "llama",

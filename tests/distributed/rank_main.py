@@ -27,7 +27,8 @@ def main() -> None:
             ids = torch.randint(4, model.config.vocab_size, (call["n"], 5), generator=g)
             out = model.generate(ids, max_new_tokens=call["new"])
             results.append((ids, out))
-        host = model.prefetcher.host_bytes
+        arena = model.prefetcher.arena  # the CPU tier and the embed unit kept on the host
+        host = arena.nbytes if arena else 0
         streamed = model.plan.streamed_bytes
         world = model.group.world if model.group else 1
     torch.save({"results": results, "host_bytes": host, "streamed": streamed, "world": world},

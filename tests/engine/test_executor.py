@@ -11,6 +11,7 @@ import torch
 
 import zeroinf
 from zeroinf.convert import convert
+from zeroinf.engine.gather import gathered_bytes
 from zeroinf.engine.prefetcher import Trace
 from zeroinf.errors import ConfigError, PlanError
 from zeroinf.format import Checkpoint
@@ -46,9 +47,16 @@ def family_ckpt(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
 
 
 def budgets(ckpt: Path, prefetch: int) -> dict[str, int | None]:
-    sizes = [u.nbytes for u in Checkpoint(ckpt).units]
-    all_streamed = prefetch * max(sizes)
-    some = min((sum(sizes) + all_streamed) // 2, sum(sizes) - 1)
+    """gpu_memory for no unit streamed, some, and all (all but the embed unit, whose table
+    stays on the host once anything streams: only its other tensors take device memory)."""
+    c = Checkpoint(ckpt)
+    kept = gathered_bytes(c)
+    sizes = {u.name: u.nbytes for u in c.units}
+    others = [nb for name, nb in sizes.items() if name not in kept]
+    all_streamed = prefetch * max(others) + sum(sizes[name] - kept[name] for name in kept)
+    # room for the smallest unit besides the slots (with prefetch 3 and 3 layers, the whole
+    # model but the table then fits: nothing streams, the table still stays on the host)
+    some = all_streamed + min(others)
     return {"none": None, "some": some, "all": all_streamed}
 
 
@@ -61,12 +69,32 @@ def test_matches_transformers(family_ckpt, offload: str, prefetch: int, streamed
     with zeroinf.load(ckpt, device="cpu", offload=offload, gpu_memory=budget,
                       prefetch=prefetch) as model:  # fmt: skip
         n_streamed = len(model.plan.streamed)
-        assert (n_streamed == 0) == (streamed == "none")
-        assert (n_streamed == len(model.plan.placements)) == (streamed == "all")
+        assert n_streamed > 0 or streamed != "all"
+        assert n_streamed == 0 or streamed != "none"
+        assert (n_streamed == len(model.plan.placements) - 1) == (streamed == "all")
+        tiers = {p.unit: p.tier for p in model.plan.placements}
+        assert tiers["embed"] == ("gpu" if streamed == "none" else "host")
         out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW)
         again = model.generate(ids, attention_mask=mask, max_new_tokens=NEW)
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
     torch.testing.assert_close(again, ref, rtol=0, atol=0)
+
+
+def test_embed_table_stays_on_the_host(family_ckpt) -> None:
+    """Once anything streams, the embed unit is never copied to the device: its table's rows
+    are gathered on the host, its other tensors stay resident, outputs are unchanged."""
+    ckpt, ids, mask, ref = family_ckpt
+    trace = Trace()
+    with zeroinf.load(ckpt, device="cpu", gpu_memory=budgets(ckpt, 2)["all"],
+                      trace=trace) as model:  # fmt: skip
+        embed = model.plan.placements[0]
+        assert embed.tier == "host" and embed.host_only == gathered_bytes(Checkpoint(ckpt))["embed"]
+        table = model.prefetcher.tables[0]
+        assert table.shape == (model.config.vocab_size, table.shape[1])
+        assert model.prefetcher.resident[0].numel() == embed.device_bytes
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW)
+    assert trace.index("copy_start", 0) == -1 and trace.index("copy_start", 1) >= 0
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
 
 
 def test_eos_stops_and_pads_like_transformers(tmp_path: Path) -> None:
@@ -116,7 +144,7 @@ def test_copies_overlap_compute_and_never_run_late(tmp_path: Path) -> None:
     budget = budgets(Path(ckpt), prefetch)["all"]
     with zeroinf.load(ckpt, device="cpu", gpu_memory=budget, prefetch=prefetch,
                       trace=trace) as model:  # fmt: skip
-        order = [j for j, p in enumerate(model.plan.placements) if p.tier != "gpu"]
+        order = [j for j, p in enumerate(model.plan.placements) if p in model.plan.streamed]
         real_layer = model.family.layer
 
         def wait_copy_started(unit: int, occurrence: int) -> bool:

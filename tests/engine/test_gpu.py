@@ -41,7 +41,7 @@ def test_gpu_streaming_matches_transformers(tmp_path: Path, family: str, offload
     workspace = workspace_bytes(ModelConfig.from_hf(Checkpoint(ckpt).config), 4, 9)
     with zeroinf.load(ckpt, device="cuda", offload=offload, prefetch=prefetch, prefill_tokens=9,
                       gpu_memory=prefetch * largest + workspace) as model:  # fmt: skip
-        assert len(model.plan.streamed) == len(model.plan.placements)  # everything streams
+        assert all(p.tier != "gpu" for p in model.plan.placements)  # nothing resident
         out = model.generate(ids, attention_mask=mask, max_new_tokens=12)
         captured, replayed = model.executor.graph_counts  # decode ran as CUDA graphs
         assert captured >= len(model.plan.placements) and replayed > captured

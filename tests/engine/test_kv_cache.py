@@ -18,7 +18,7 @@ from zeroinf.convert import convert
 from zeroinf.engine.kvcache import kv_token_bytes
 from zeroinf.errors import ConfigError
 from zeroinf.models import ModelConfig
-from zeroinf.tiny import save_tiny_hf
+from zeroinf.tiny import save_tiny_hf, tiny_prompts
 
 NEW = 8
 
@@ -39,21 +39,12 @@ class FakeInt8Cache(DynamicCache):
         return torch.cat((k[:, :, :-S], key_states), 2), torch.cat((v[:, :, :-S], value_states), 2)
 
 
-def _prompts(vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(3)
-    ids = torch.randint(4, vocab, (3, 7), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1, :2] = 0
-    mask[2, :5] = 0
-    return ids, mask
-
-
 @pytest.mark.parametrize("family", ["llama", "opt", "gpt_neox"])
 def test_int8_kv_matches_transformers_with_int8_rounded_cache(tmp_path: Path, family: str) -> None:
     save_tiny_hf(tmp_path / "hf", family, seed=5)
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     path = convert(tmp_path / "hf", tmp_path / "zi", progress=False)
-    ids, mask = _prompts(hf.config.vocab_size)
+    ids, mask = tiny_prompts(hf.config.vocab_size)
     with torch.no_grad():
         want = hf.generate(ids, attention_mask=mask, max_new_tokens=NEW, min_new_tokens=NEW,
                            do_sample=False, pad_token_id=0,
@@ -83,7 +74,7 @@ def test_int8_kv_bytes() -> None:
 def test_decode_micro_batches_identical(tmp_path: Path, rows: int) -> None:
     save_tiny_hf(tmp_path / "hf", "llama", seed=6)
     path = convert(tmp_path / "hf", tmp_path / "zi", progress=False)
-    ids, mask = _prompts(64)
+    ids, mask = tiny_prompts(64)
     with zeroinf.load(path, device="cpu", gpu_memory=None) as model:
         want = model.generate(ids, attention_mask=mask, max_new_tokens=NEW)
         model.micro_batch = rows

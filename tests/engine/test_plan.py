@@ -52,6 +52,62 @@ def test_plan_never_exceeds_budget(sizes: list[int], prefetch: int, budget: int)
     assert [p.unit for p in plan.placements] == [u for u, _ in units]
 
 
+TABLE = {"embed": 90}  # the embed unit's table bytes; its other 10 bytes go to the device
+
+
+def test_embed_table_stays_on_the_host_once_anything_streams() -> None:
+    plan = make_plan(UNITS, gpu_budget=1510, prefetch=2, device="cpu", gathered=TABLE)
+    embed = plan.placements[0]
+    assert (embed.tier, embed.device_bytes, embed.host_only) == ("host", 10, 90)
+    assert embed not in plan.streamed and plan.host_tier_bytes == 100
+    # 10 + 3 x 300 resident + 2 x 300 slots = 1510
+    assert len([p for p in plan.placements if p.tier == "gpu"]) == 3
+    assert plan.gpu_weight_bytes == 1510
+    assert plan.streamed_bytes == 5 * 300 + 120  # nothing of the embed streams
+    # streaming the embed whole instead would stream 5 x 300 + 120 + 100
+
+
+def test_embed_resident_when_everything_fits() -> None:
+    plan = make_plan(UNITS, gpu_budget=2620, device="cpu", gathered=TABLE)
+    assert plan.streamed == () and plan.placements[0].tier == "gpu"
+    assert plan.host_tier_bytes == 0 and plan.gpu_weight_bytes == 2620
+
+
+def test_embed_streams_whole_when_that_is_the_only_plan_that_fits() -> None:
+    # 2 slots of 300 fit exactly; the embed's 10 device bytes would not
+    plan = make_plan(UNITS, gpu_budget=600, prefetch=2, device="cpu", gathered=TABLE)
+    assert len(plan.streamed) == len(UNITS) and plan.host_tier_bytes == 0
+    with pytest.raises(PlanError, match=r"need at least 600 B"):
+        make_plan(UNITS, gpu_budget=599, prefetch=2, device="cpu", gathered=TABLE)
+
+
+def test_embed_streams_whole_when_that_streams_fewer_bytes() -> None:
+    # at 1500 the embed's 10 device bytes would cost a resident layer (300) to save 100
+    plan = make_plan(UNITS, gpu_budget=1500, prefetch=2, device="cpu", gathered=TABLE)
+    assert plan.placements[0].tier == "cpu" and plan.host_tier_bytes == 0
+    assert plan.streamed_bytes == 100 + 5 * 300 + 120  # < 6 x 300 with the table on the host
+
+
+@given(st.lists(st.integers(1, 10_000), min_size=2, max_size=40), st.integers(1, 4),
+       st.integers(0, 400_000), st.floats(0, 1))  # fmt: skip
+def test_plan_with_a_host_table_never_exceeds_budget(
+    sizes: list[int], prefetch: int, budget: int, table_share: float
+) -> None:
+    units = [("embed", sizes[0]), *((f"layers.{i}", n) for i, n in enumerate(sizes[1:]))]
+    table = {"embed": int(sizes[0] * table_share)}
+    try:
+        plan = make_plan(units, budget, prefetch=prefetch, device="cpu", gathered=table)
+    except PlanError:
+        assert budget < prefetch * max(sizes)
+        return
+    assert plan.gpu_weight_bytes <= budget
+    try:  # never worse than streaming the embed whole (which may not fit at all)
+        plain = make_plan(units, budget, prefetch=prefetch, device="cpu")
+    except PlanError:
+        return
+    assert plan.streamed_bytes <= plain.streamed_bytes
+
+
 @pytest.mark.parametrize("n", [1, 2, 5, 8, 40])
 def test_spread_order_is_a_permutation(n: int) -> None:
     assert sorted(_spread_order(n)) == list(range(n))

@@ -63,7 +63,7 @@ def test_quantized_matches_transformers_on_dequantized_weights(
                             min_new_tokens=NEW, pad_token_id=0)  # fmt: skip
     largest = max(u.nbytes for u in ckpt.units)
     with zeroinf.load(path, device="cpu", gpu_memory=2 * largest) as model:
-        assert len(model.plan.streamed) == len(ckpt.units)
+        assert all(p.tier != "gpu" for p in model.plan.placements)  # the embed: host or streamed
         got = model.generate(ids, attention_mask=mask, max_new_tokens=NEW)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 

@@ -23,8 +23,9 @@ from zeroinf.format import Checkpoint
 from zeroinf.io import BACKENDS, FaultyReader
 
 PROMPTS = torch.tensor([[1, 17, 33, 250, 9], [1, 5, 6, 7, 8]])
-BUDGET = str(3 * 339968)  # 2 streaming slots + layers.1 resident; the other 4 units stream
+BUDGET = str(3 * 339968)  # 2 streaming slots + layers.1 resident; layers 0, 2 and head stream
 RESIDENT = 2
+EMBED = 0  # held whole in host memory, its table's rows gathered there (engine/gather.py)
 
 
 def available_backends() -> list[str]:
@@ -101,15 +102,16 @@ def test_fault_while_loading(
     ckpt: Path, faulty: Callable[..., Any], no_leaks: None, offload: str, unit: int, page: int,
     kind: str,
 ) -> None:  # fmt: skip
-    """A read at load (the resident unit; with offload="cpu" also the CPU tier) fails: load
-    raises ReadError naming the file and offset. Streamed NVMe units are not read at load."""
+    """A read at load (the resident unit, the embed unit kept on the host; with offload="cpu"
+    also the CPU tier) fails: load raises ReadError naming the file and offset. Streamed NVMe
+    units are not read at load."""
     path, nbytes = unit_file(ckpt, unit)
     at = page * 4096
     if kind == "eio":
         faulty(fail_at={(path, at): errno.EIO})
     else:
         faulty(short_at=[(path, at)])
-    read_at_load = unit == RESIDENT or offload == "cpu"
+    read_at_load = unit in (RESIDENT, EMBED) or offload == "cpu"
     load = lambda: zeroinf.load(  # noqa: E731
         ckpt, device="cpu", offload=offload, gpu_memory=BUDGET, progress=False
     )
@@ -125,7 +127,7 @@ def test_fault_while_loading(
 
 
 @pytest.mark.parametrize("backend", available_backends())
-@pytest.mark.parametrize("unit,page,kind", [(0, 3, "eio"), (3, 82, "eio"), (4, 1, "short")])
+@pytest.mark.parametrize("unit,page,kind", [(1, 3, "eio"), (3, 82, "eio"), (4, 1, "short")])
 def test_fault_during_nvme_generation(
     ckpt: Path, faulty: Callable[..., Any], no_leaks: None, backend: str, unit: int, page: int,
     kind: str,
@@ -140,7 +142,7 @@ def test_fault_during_nvme_generation(
         lambda: zeroinf.load(ckpt, device="cpu", offload="nvme", gpu_memory=BUDGET,
                              io_backend=backend, progress=False)
     )  # fmt: skip
-    assert [p.tier for p in model.plan.placements] == ["nvme", "nvme", "gpu", "nvme", "nvme"]
+    assert [p.tier for p in model.plan.placements] == ["host", "nvme", "gpu", "nvme", "nvme"]
     with pytest.raises(ReadError) as e:
         generate(model)
     assert str(e.value) == message(path, nbytes, at, EIO if kind == "eio" else EOF)
@@ -192,7 +194,8 @@ def test_delays_change_nothing_but_time(
     del model
     assert torch.equal(out, expected)
     n = len(readers[0].submitted)
-    assert n >= (5 if offload == "cpu" else 1 + 4 * 6)  # every pass read the streamed units
+    # nvme: at load the resident and the embed unit, then every pass its 3 streamed units
+    assert n >= (5 if offload == "cpu" else 2 + 3 * 6)
     record_cases(f"reader delays ({offload}), reads delayed", n)
 
 

@@ -65,7 +65,8 @@ class Runner:
         """ids [B, S] at cache index `start`; attention_mask [B, >= start + S] -> [B, S, V]."""
         ctx = build_context(attention_mask, start, ids.shape[1])
         (_, w_embed), *layers, (_, w_head) = self.units
-        h = self.fam.embed(ids, w_embed, ctx, self.cfg)
+        rows = torch.nn.functional.embedding(ids, w_embed[self.fam.EMBED_TABLE])
+        h = self.fam.embed(rows, w_embed, ctx, self.cfg)
         for (_, w), kv in zip(layers, kvs, strict=True):
             h = self.fam.layer(h, w, kv, ctx, self.cfg)
         return self.fam.head(h, w_head, self.cfg)

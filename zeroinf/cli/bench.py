@@ -60,6 +60,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--group-size", type=int, default=64, help="with --quantize")
     p.add_argument("--quantize-head", action="store_true", help="with --quantize: the LM head too")
     p.add_argument("--kv-dtype", choices=("int8",), help="KV cache stored as int8 (lossy)")
+    p.add_argument("--kv-tier", choices=("gpu", "cpu"),
+                   help="where the KV cache lives: gpu, or cpu (host memory, attention on the "
+                   "CPU); default: the planner's with --batch-size auto, else gpu")  # fmt: skip
     p.add_argument("--plot", help="draw tok/s and the roofline against batch size into this PNG")
     a = p.parse_args(argv)
     a.auto = a.batch_size == "auto"
@@ -144,7 +147,7 @@ def run(a: argparse.Namespace) -> list[dict[str, Any]]:
                              prefetch=a.prefetch, io_backend=a.io_backend,
                              prefill_tokens=a.prefill_tokens, kv_dtype=a.kv_dtype,
                              batch_size="auto" if a.auto else None, prompt_len=a.prompt_len,
-                             max_new_tokens=a.gen_len)  # fmt: skip
+                             max_new_tokens=a.gen_len, kv_tier=a.kv_tier)  # fmt: skip
         plan, load_s = model.plan, model.load_s
     else:
         plan = bench_plan(a, ckpt, device, group.world if group else 1, rates)
@@ -173,24 +176,18 @@ def bench_plan(
     (engine/costmodel.py); a given batch keeps the budget for weights, slots and activations."""
     from dataclasses import replace
 
-    from zeroinf.api import workspace_bytes
+    from zeroinf.api import weights_plan
     from zeroinf.engine.autoplan import auto_plan
     from zeroinf.engine.costmodel import Budgets, Workload
-    from zeroinf.engine.plan import make_plan
-    from zeroinf.format import DTYPES
-    from zeroinf.models import ModelConfig
 
     budget = parse_bytes(a.gpu_memory, "--gpu-memory")
     if a.auto:
         work = Workload(a.prompt_len, a.gen_len, a.prefill_tokens)
         budgets = Budgets(budget, None, a.offload, a.prefetch, world)
-        return auto_plan(ckpt, device, work, budgets, a.kv_dtype, rates=rates)
-    itemsize = DTYPES[ckpt.manifest.dtype].itemsize
-    ws = workspace_bytes(ModelConfig.from_hf(ckpt.config), itemsize, a.prefill_tokens)
-    ws = ws if device.type == "cuda" else 0
-    plan = make_plan([(u.name, u.nbytes) for u in ckpt.units], budget, a.offload, a.prefetch,
-                     str(device), workspace=ws, world=world)  # fmt: skip
-    plan = replace(plan, h2d_bytes_per_s=rates.h2d_bytes_per_s)
+        return auto_plan(ckpt, device, work, budgets, a.kv_dtype, rates=rates, kv_tier=a.kv_tier)
+    plan = weights_plan(ckpt, budget, a.offload, a.prefetch, device, world, a.prefill_tokens,
+                        rates.h2d_bytes_per_s)  # fmt: skip
+    plan = replace(plan, kv_tier=a.kv_tier or "gpu")
     if a.micro_batch:
         b = max(a.batch_sizes)
         if b % a.micro_batch:
@@ -225,6 +222,7 @@ def plan_only(
         "prompt_len": a.prompt_len, "gen_len": a.gen_len, "gpu_budget": plan.gpu_budget,
         "gpu_bytes": plan.gpu_bytes, "resident_bytes": plan.resident_bytes,
         "streamed_bytes_per_pass": plan.streamed_bytes, "kv_bytes": plan.kv_bytes,
+        "kv_tier": plan.kv_tier, "kv_host_bytes": plan.kv_host_bytes,
         "measured": dataclasses.asdict(rates), "predicted_prefill_s": pred.prefill_s,
         "predicted_step_s": pred.step_s, "predicted_tok_per_s": pred.tok_s,
     }  # fmt: skip
@@ -319,7 +317,7 @@ def measure(
         "copy_profile": profile,
         "host_pass_s": model.executor.host_pass_s,
         "first_call_tok_per_s": first.tokens_per_s, "first_call_decode_s": first.decode_s,
-        "kv_dtype": a.kv_dtype or a.dtype,
+        "kv_dtype": a.kv_dtype or a.dtype, "kv_tier": plan.kv_tier,
         "cuda_graphs_captured_replayed": model.executor.graph_counts,
         "kv_bytes": model.kv_bytes(batch, a.prompt_len + a.gen_len),
     }  # fmt: skip
@@ -373,7 +371,7 @@ def print_table(r: dict[str, Any]) -> None:
             else ""
         )
         + f"  streamed per pass {r['streamed_bytes_per_pass'] / GB:.2f} GB, resident "
-        f"{r['resident_bytes'] / GB:.2f} GB, KV {r['kv_bytes'] / GB:.2f} GB, "
+        f"{r['resident_bytes'] / GB:.2f} GB, KV {r['kv_bytes'] / GB:.2f} GB on {r['kv_tier']}, "
         f"load {r['load_s']:.1f} s"
     )
     rows = [

@@ -91,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--kv-dtype", choices=("int8",),
                    help="store the KV cache as int8 (about half the bytes: larger batches; "
                    "lossy, so off by default)")  # fmt: skip
+    m.add_argument("--kv-tier", choices=("gpu", "cpu"),
+                   help="where the KV cache lives: gpu, or cpu (host memory: larger batches, "
+                   "attention on the CPU); default: the planner's choice with --batch-size "
+                   "auto, else gpu")  # fmt: skip
     g = p.add_argument_group("generation (a record's own fields override these)")
     g.add_argument("--batch-size", type=_batch_size, default="auto",
                    help="records per batch, or 'auto' (default): the planner's batch for the "
@@ -252,7 +256,7 @@ def run(a: argparse.Namespace) -> int:
     model = zeroinf.load(
         a.model, device=device, offload=a.offload, gpu_memory=gpu_memory, nvme_dir=a.nvme_dir,
         prefetch=a.prefetch, dtype=a.dtype, progress=not a.quiet, kv_dtype=a.kv_dtype,
-        **planned,
+        kv_tier=a.kv_tier, **planned,
     )  # fmt: skip
     batch = a.batch_size
     if batch == "auto":

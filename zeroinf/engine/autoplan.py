@@ -3,11 +3,13 @@ zeroinf-bench and zeroinf-generate share (the cost model itself is costmodel.py)
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
 
 from zeroinf.engine.costmodel import Budgets, ModelSize, Workload, choose_plan
+from zeroinf.engine.kvcache import check_kv_tier
 from zeroinf.engine.plan import Plan
 from zeroinf.engine.probe import Rates, probe
 from zeroinf.errors import ConfigError
@@ -16,6 +18,10 @@ from zeroinf.models import ModelConfig
 from zeroinf.sizes import fmt_bytes, parse_bytes
 
 log = logging.getLogger("zeroinf")
+
+# Share of the host's available memory a plan leaves to the process itself (Python, torch's
+# allocators, staging buffers) and to the rest of the machine.
+HOST_RESERVE = 0.1
 
 
 def check_batch_args(
@@ -41,9 +47,7 @@ def free_device_bytes(device: torch.device) -> int:
     """Memory free on the device now (host memory available for a CPU device)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    import psutil
-
-    return psutil.virtual_memory().available
+    return host_available()
 
 
 def probe_checkpoint(
@@ -69,12 +73,31 @@ def auto_plan(
     kv_dtype: str | None = None,
     io_backend: str | None = None,
     rates: Rates | None = None,
+    kv_tier: str | None = None,
 ) -> Plan:
-    """choose_plan for a checkpoint, from the cached probe unless `rates` are given."""
+    """choose_plan for a checkpoint, from the cached probe unless `rates` are given. kv_tier:
+    None lets the planner choose the KV tier (kvcache.check_kv_tier); on a GPU the host memory
+    available now, less HOST_RESERVE and split between the group's ranks, is the host budget
+    (pinned units and a host KV cache), unless given."""
+    check_kv_tier(kv_tier)
     size = ModelSize.from_checkpoint(ckpt, kv_dtype)
     if rates is None:
         rates = probe_checkpoint(ckpt, device, budgets.offload == "nvme", io_backend)
-    return choose_plan(size, rates, work, budgets, str(device))
+    if budgets.host is None and device.type == "cuda":
+        # The ranks of a group share one host, each with its share of the pinned units and its
+        # own host KV cache. On a CPU device the device budget is host memory already: the host
+        # tier is searched there only when asked for (costmodel.search_tiers).
+        host = int(host_available() * (1 - HOST_RESERVE)) // budgets.world
+        budgets = dataclasses.replace(budgets, host=host)
+    tiers = (kv_tier,) if kv_tier else None
+    return choose_plan(size, rates, work, budgets, str(device), kv_tiers=tiers)
+
+
+def host_available() -> int:
+    """Host memory available now (psutil), what pinned units and a host KV cache share."""
+    import psutil
+
+    return psutil.virtual_memory().available
 
 
 def whole_budget(gpu_memory: int | str | None, device: torch.device) -> int:

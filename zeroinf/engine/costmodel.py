@@ -16,10 +16,21 @@ Per forward pass (the prefill, then one pass per decode step):
                 share of the weight bytes (a streamed unit's copy waits for the previous one's
                 compute to free the slot).
 
+With the KV cache in host memory (KV tier "cpu", models/host_attention.py) a decode micro-batch
+has no KV read and no attention FLOPs on the device; instead the device waits, in every layer,
+for the host: q, k, v to the host (D2H), attention over the cached keys on the CPU (KV bytes /
+the probe's measured CPU attention rate), the output back (H2D), plus HOST_LAYER_S of syncs and
+launches. The executor issues micro-batches one after the other from one thread, so the host's
+attention overlaps neither the device's compute nor the other micro-batches: it adds to
+compute_s; the copy stream keeps prefetching weights meanwhile, so it overlaps stream_s. A
+prefill at the cache's start attends on the device (its keys are its own) and only copies its
+keys and values to the host.
+
 Rates come from probe.py (measured on this machine, cached). The search tries every KV tier
-the executor can run (plan.KV_TIERS), prefetch depth, batch and micro-batch count; each
-candidate's resident set is make_plan's for the budget left after its KV cache and activation
-workspace, so a chosen plan never accounts for more than the budget.
+(plan.KV_TIERS; search_tiers), prefetch depth, batch and micro-batch count and keeps the most
+predicted tokens/s; each candidate's resident set is make_plan's for the budget left after its
+device KV cache and activation workspace, and its pinned units and host KV cache must fit the
+CPU and host budgets, so a chosen plan never accounts for more than a budget.
 """
 
 from __future__ import annotations
@@ -29,6 +40,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from zeroinf.engine.gather import gathered_bytes
 from zeroinf.engine.kvcache import kv_token_bytes
 from zeroinf.engine.plan import KV_TIERS, Plan, make_plan
 from zeroinf.engine.probe import Rates
@@ -41,6 +53,9 @@ from zeroinf.sizes import fmt_bytes
 PASS_OVERHEAD_S = 1e-3  # per forward pass: sampling, the host's sync, Python around the loop
 LAUNCH_S = 20e-6  # per unit and micro-batch: kernel launches the device waits on when idle
 ACT_TRAFFIC = 2.0  # each activation byte is written once and read once per layer
+# Per layer and micro-batch with the host KV tier: the host sync on q/k/v, the copies' launches
+# and the Python around them (a guess of the right order; bench reports the prediction error).
+HOST_LAYER_S = 100e-6
 MICRO_BATCHES = (1, 2, 4, 8)  # micro-batch counts tried
 
 
@@ -53,6 +68,9 @@ class ModelSize:
     cfg: ModelConfig  # activation sizes
     itemsize: int  # bytes of the weights' dtype (activations have it too)
     kv_token_bytes: int  # K + V over all layers for one token of one row (kvcache.py)
+    kv_dtype: str | None = None  # the cache's storage (kvcache.KV_DTYPES): sets the CPU rate
+    # (unit, bytes of its table that can stay on the host): make_plan's `gathered` (gather.py)
+    gathered: tuple[tuple[str, int], ...] = ()
 
     @classmethod
     def from_checkpoint(cls, ckpt: Checkpoint, kv_dtype: str | None = None) -> ModelSize:
@@ -64,6 +82,8 @@ class ModelSize:
             cfg,
             itemsize,
             kv_token_bytes(cfg, itemsize, kv_dtype),
+            kv_dtype,
+            tuple(gathered_bytes(ckpt).items()),
         )
 
     @property
@@ -91,6 +111,10 @@ class Budgets:
     offload: str = "cpu"  # where streamed units live: "cpu" | "nvme"
     max_prefetch: int = 2  # prefetch depths 1..max_prefetch are tried
     world: int = 1  # ranks sharing the streamed units
+    # Host memory free for this run (autoplan: what the host has available, on a GPU machine):
+    # pinned streamed units plus a host KV cache must fit. None: unknown, and the host KV tier
+    # is then searched only when asked for (choose_plan's kv_tiers), without a host cap.
+    host: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_prefetch < 1:
@@ -151,6 +175,43 @@ def _compute_s(
     return flops / rates.flops + hbm / rates.hbm_bytes_per_s + len(size.units) * LAUNCH_S
 
 
+def _host_decode_s(
+    size: ModelSize, rates: Rates, rows: int, ctx: np.ndarray | int
+) -> np.ndarray | float:
+    """Seconds of one decode micro-batch with the host KV tier: the device's part without the
+    KV read and the attention FLOPs (pass_flops at context 0 has none for one token), and the
+    host's part that the device waits for in every layer."""
+    act = ACT_TRAFFIC * act_token_bytes(size.cfg, size.itemsize) * rows * size.cfg.num_layers
+    device = (
+        size.cost.pass_flops(rows, 1, 0) / rates.flops
+        + (size.weight_bytes + act) / rates.hbm_bytes_per_s
+        + len(size.units) * LAUNCH_S
+    )
+    cfg = size.cfg
+    vec = rows * cfg.num_layers * cfg.head_dim * size.itemsize  # one head's vector, all layers
+    copies = vec * (cfg.num_heads + 2 * cfg.num_kv_heads) / rates.d2h_bytes_per_s + (
+        vec * cfg.num_heads / rates.h2d_bytes_per_s
+    )  # q, k, v down; o up
+    attention = size.kv_token_bytes * rows * ctx / _cpu_attn_rate(size, rates)
+    return device + copies + attention + cfg.num_layers * HOST_LAYER_S
+
+
+def _host_prefill_s(size: ModelSize, rates: Rates, rows: int, seq: int) -> float:
+    """What a prefill chunk adds with the host KV tier: its keys and values (the model's dtype)
+    to the host, written into the cache there, and a host sync per layer."""
+    cfg = size.cfg
+    kv = 2 * rows * seq * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * size.itemsize
+    write = size.kv_token_bytes * rows * seq / _cpu_attn_rate(size, rates)
+    return kv / rates.d2h_bytes_per_s + write + cfg.num_layers * HOST_LAYER_S
+
+
+def _cpu_attn_rate(size: ModelSize, rates: Rates) -> float:
+    """Cache bytes/s that host attention reads: the probe's int8 rate for an int8 cache."""
+    if size.kv_dtype == "int8" and rates.cpu_attn_int8_bytes_per_s:
+        return rates.cpu_attn_int8_bytes_per_s
+    return rates.cpu_attn_bytes_per_s
+
+
 def predict(
     plan: Plan,
     size: ModelSize,
@@ -160,10 +221,12 @@ def predict(
     micro_batch: int | None = None,
 ) -> Prediction:
     """Seconds of a `batch`-row run under `plan`: decode in micro-batches of `micro_batch` rows
-    (None: all at once), the prefill in chunks of work.prefill_tokens tokens."""
+    (None: all at once), the prefill in chunks of work.prefill_tokens tokens, the KV cache in
+    plan.kv_tier."""
     p, g = work.prompt_len, work.gen_len
     stream = plan.rank_streamed_bytes / rates.stream_bytes_per_s(plan.offload)
     share = plan.streamed_bytes / max(1, size.weight_bytes)
+    host = plan.kv_tier == "cpu"
 
     def pass_s(compute: np.ndarray | float) -> np.ndarray | float:
         over = np.maximum(stream, compute)
@@ -171,11 +234,20 @@ def predict(
             over = np.maximum(stream + share * compute, compute)
         return over + PASS_OVERHEAD_S
 
+    def prefill_s(rows: int) -> float:
+        extra = _host_prefill_s(size, rates, rows, p) if host else 0.0
+        return _compute_s(size, rates, rows, p, p) + extra
+
+    def decode_s(rows: int, ctx: np.ndarray) -> np.ndarray:
+        if host:
+            return _host_decode_s(size, rates, rows, ctx)
+        return _compute_s(size, rates, rows, 1, ctx)
+
     chunk = max(1, work.prefill_tokens // p)
-    prefill = pass_s(sum(_compute_s(size, rates, r, p, p) for r in _splits(batch, chunk)))
+    prefill = pass_s(sum(prefill_s(r) for r in _splits(batch, chunk)))
     ctx = np.arange(p + 1, p + g)  # decode step i sees the prompt and i new tokens
     parts = _splits(batch, micro_batch or batch)
-    decode = pass_s(sum(_compute_s(size, rates, r, 1, ctx) for r in parts))
+    decode = pass_s(sum(decode_s(r, ctx) for r in parts))
     return Prediction(batch, g, float(prefill), float(np.sum(decode)))
 
 
@@ -199,25 +271,52 @@ def _fit(
     depth: int, kv_tier: str,
 ) -> Plan:  # fmt: skip
     """make_plan for the weights' share of the budget: what `batch` rows in micro-batches of
-    `micro` rows (a divisor of `batch`) leave after their KV cache and activation workspace.
-    PlanError if nothing fits the GPU or the CPU budget."""
+    `micro` rows (a divisor of `batch`) leave after their KV cache (on the device for the "gpu"
+    tier) and activation workspace. PlanError if nothing fits the GPU, the CPU or the host
+    budget."""
     p = work.prompt_len
     tokens = max(min(batch, max(1, work.prefill_tokens // p)) * p, micro)  # [rows, tokens]
     ws = workspace_bytes(size.cfg, size.itemsize, tokens, rows=batch)
-    kv = batch * (p + work.gen_len) * size.kv_token_bytes if kv_tier == "gpu" else 0
+    kv = batch * (p + work.gen_len) * size.kv_token_bytes
     plan = make_plan(
         list(size.units), budgets.gpu, budgets.offload, depth, device, world=budgets.world,
-        workspace=ws, kv_bytes=kv,
+        workspace=ws, kv_bytes=kv if kv_tier == "gpu" else 0, gathered=dict(size.gathered),
     )  # fmt: skip
-    if budgets.offload == "cpu" and budgets.cpu is not None and plan.streamed_bytes > budgets.cpu:
+    host_kv = kv if kv_tier == "cpu" else 0
+    # host memory besides the KV cache: pinned streamed units, a table gathered on the host
+    pinned = (plan.streamed_bytes if budgets.offload == "cpu" else 0) + plan.host_tier_bytes
+    if budgets.cpu is not None and pinned + host_kv > budgets.cpu:
+        what = f"{fmt_bytes(pinned)} of streamed units that gpu_memory {fmt_bytes(budgets.gpu)} "
+        what += f"leaves for batch {batch}"
+        if host_kv:
+            what += f" and its {fmt_bytes(host_kv)} host KV cache"
         raise PlanError(
-            f"cpu_memory {fmt_bytes(budgets.cpu)} cannot hold the "
-            f"{fmt_bytes(plan.streamed_bytes)} of streamed units that gpu_memory "
-            f"{fmt_bytes(budgets.gpu)} leaves for batch {batch}; raise cpu_memory or "
+            f"cpu_memory {fmt_bytes(budgets.cpu)} cannot hold the {what}; raise cpu_memory or "
             "gpu_memory, or use offload='nvme'"
         )
-    return dataclasses.replace(plan, kv_tier=kv_tier, micro_batch=micro,
+    host_need = (plan.rank_streamed_bytes if budgets.offload == "cpu" else 0) + host_kv
+    host_need += plan.host_tier_bytes
+    if budgets.host is not None and host_need > budgets.host:
+        raise PlanError(
+            f"host memory: {fmt_bytes(budgets.host)} available cannot hold "
+            f"{fmt_bytes(host_need)} (pinned streamed units and the host KV cache of batch "
+            f"{batch})"
+        )
+    return dataclasses.replace(plan, kv_tier=kv_tier, kv_host_bytes=host_kv, micro_batch=micro,
                                micro_batches=batch // micro)  # fmt: skip
+
+
+def search_tiers(budgets: Budgets, kv_tiers: tuple[str, ...] | None) -> tuple[str, ...]:
+    """The KV tiers a search tries: the given ones (ConfigError for an unknown one), else every
+    tier, the host one only where the host's memory is known (Budgets.host)."""
+    if kv_tiers is None:
+        return KV_TIERS if budgets.host is not None else ("gpu",)
+    for t in kv_tiers:
+        if t not in KV_TIERS:
+            raise ConfigError(
+                f"kv_tier={t!r}: use one of {', '.join(KV_TIERS)} (None: the planner's)"
+            )
+    return kv_tiers
 
 
 def choose_plan(
@@ -227,13 +326,14 @@ def choose_plan(
     budgets: Budgets,
     device: str,
     batch: int | None = None,
+    kv_tiers: tuple[str, ...] | None = None,
 ) -> Plan:
-    """The plan with the most predicted tokens/s (ties: fewer rows, micro-batches and slots)
-    for `batch` rows, or for the best batch up to work.max_batch when None. PlanError naming
-    the numbers when not even one row fits."""
+    """The plan with the most predicted tokens/s (ties: fewer rows, micro-batches and slots, the
+    device KV tier) for `batch` rows, or for the best batch up to work.max_batch when None, over
+    the KV tiers of search_tiers. PlanError naming the numbers when not even one row fits."""
     best: tuple[tuple[float, ...], Plan] | None = None
     first_error: PlanError | None = None
-    for kv_tier in KV_TIERS:
+    for kv_tier in search_tiers(budgets, kv_tiers):
         for depth in range(1, budgets.max_prefetch + 1):
             for b in [batch] if batch else batch_grid(work.max_batch):
                 fitted = False
@@ -247,7 +347,7 @@ def choose_plan(
                     fitted = True
                     pred = predict(plan, size, rates, work, b, micro)
                     key = (pred.tok_s, -b, -plan.micro_batches, -depth)
-                    if best is None or key > best[0]:
+                    if best is None or key > best[0]:  # strict: the first tier (gpu) wins ties
                         best = (key, with_prediction(plan, pred))
                 if not fitted:
                     break  # more rows only need more memory

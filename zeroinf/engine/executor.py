@@ -12,6 +12,7 @@ from types import ModuleType
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from zeroinf.engine.graphs import DecodeGraphs
 from zeroinf.engine.prefetcher import Prefetcher
@@ -42,7 +43,7 @@ class Executor:
             ("qweight", "scales", "zeros") if q and q["scheme"] == "asym" else ("qweight", "scales")
         )
         self._layout: list[list[tuple[str, Any]]] = []
-        for u in units:
+        for j, u in enumerate(units):
             by_name = {t.name: t for t in u.tensors}
             for hf in tables[u.name].values():
                 if hf not in by_name and f"{hf}.qweight" not in by_name:
@@ -50,8 +51,13 @@ class Executor:
                         f"{prefetcher.ckpt.path}: unit {u.name!r} has no tensor {hf!r}, which "
                         f"the {cfg.model_type} model needs"
                     )
+            host_table = j in prefetcher.tables  # its device buffer holds the other tensors
+            if host_table:
+                by_name = {t.name: t for t in prefetcher.device_units[j].tensors}
             entries = []
             for key, hf in tables[u.name].items():
+                if host_table and key == family.EMBED_TABLE:
+                    continue
                 # a tied embedding may be quantized as the head's copy and float in the embed
                 if hf in quantized and f"{hf}.qweight" in by_name:
                     entries.append((key, tuple(by_name[f"{hf}.{p}"] for p in parts)))
@@ -59,6 +65,8 @@ class Executor:
                     entries.append((key, by_name[hf]))
             self._layout.append(entries)
         self._views: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+        # decode with CUDA graphs: (micro-batch, ids shape) -> the rows buffer the graph reads
+        self._row_buffers: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}
         self.kinds = [_kind(u) for u in units]
         self.dtype = DTYPES[prefetcher.ckpt.manifest.dtype]  # activations' dtype
         self.host_pass_s = 0.0
@@ -93,6 +101,8 @@ class Executor:
             w = self._weights(j, buf)
             try:
                 for k, mb in enumerate(batches):
+                    if kind == "embed":  # ids [B_k, S] -> the table's rows [B_k, S, E]
+                        xs[k] = self._rows(j, w, xs[k], k if graphs is not None else None)
                     fn = partial(self._unit, kind, w, mb, layer)
                     xs[k] = fn(xs[k]) if graphs is None else graphs.run(j, buf, k, fn, xs[k])
             except BaseException:
@@ -102,6 +112,29 @@ class Executor:
             self.prefetcher.release(j)
         self.host_pass_s = time.perf_counter() - t0  # host time to issue the pass (tracing)
         return xs
+
+    def _rows(
+        self, j: int, w: dict[str, Any], ids: torch.Tensor, static: int | None
+    ) -> torch.Tensor:
+        """The embedding table's rows for ids [B, S] -> [B, S, E]: gathered on the host when
+        the table stays there (engine/gather.py), else on the device. Outside the unit's CUDA
+        graph either way; `static` (decode with graphs: the micro-batch index) writes them
+        into the same buffer every step, which the graph reads."""
+        host = j in self.prefetcher.tables
+        table = self.prefetcher.tables[j] if host else w[self.family.EMBED_TABLE]  # [V, E]
+        out = None
+        if static is not None:
+            key = (static, tuple(ids.shape))
+            out = self._row_buffers.get(key)
+            if out is None:
+                out = torch.empty(*ids.shape, table.shape[1], dtype=table.dtype, device=ids.device)
+                self._row_buffers[key] = out
+        if host:
+            return self.prefetcher.gather_rows(j, ids, out)
+        if out is None:
+            return F.embedding(ids, table)
+        torch.index_select(table, 0, ids.reshape(-1), out=out.view(-1, table.shape[1]))
+        return out
 
     def _unit(
         self, kind: str, w: dict[str, Any], mb: MicroBatch, layer: int, x: torch.Tensor
@@ -124,6 +157,7 @@ class Executor:
 
     def release_views(self) -> None:
         self._views.clear()
+        self._row_buffers.clear()
 
     def skip_pass(self) -> None:
         """A forward pass that computes nothing: the units still stream (and, with ranks, join

@@ -1,4 +1,5 @@
-"""The KV cache: its size per token and its allocation, in the model's dtype or int8.
+"""The KV cache: its size per token and its allocation, in the model's dtype or int8, on the
+compute device (KV tier "gpu") or in host memory (KV tier "cpu", plan.KV_TIERS).
 
 int8 stores each (row, kv head, token) vector of K and of V as int8 values with one float32
 scale (kernels.kv_quant.quantize_kv): D + 4 bytes instead of 2 * D, i.e. 0.52 x a 16-bit cache at
@@ -15,12 +16,24 @@ from zeroinf.models.base import LayerKV
 from zeroinf.models.config import ModelConfig
 
 KV_DTYPES = (None, "int8")
+KV_TIER_CHOICES = (None, "gpu", "cpu")  # None: the planner's choice (plan.KV_TIERS)
 
 
 def check_kv_dtype(kv_dtype: str | None) -> str | None:
     if kv_dtype not in KV_DTYPES:
         raise ConfigError(f"kv_dtype={kv_dtype!r}: use None (the model's dtype) or 'int8'")
     return kv_dtype
+
+
+def check_kv_tier(kv_tier: str | None) -> str | None:
+    """Where the user puts the KV cache: "gpu" (the compute device), "cpu" (host memory,
+    attention on the CPU), or None (the planner decides with batch_size="auto", else "gpu")."""
+    if kv_tier not in KV_TIER_CHOICES:
+        raise ConfigError(
+            f"kv_tier={kv_tier!r}: use 'gpu', 'cpu' (host memory, attention on the CPU) or None "
+            "(the planner's choice with batch_size='auto', else 'gpu')"
+        )
+    return kv_tier
 
 
 def kv_vector_bytes(head_dim: int, itemsize: int, kv_dtype: str | None) -> int:
@@ -43,23 +56,29 @@ def new_kv_cache(
     dtype: torch.dtype,
     device: torch.device,
     kv_dtype: str | None = None,
+    host: bool = False,
 ) -> list[LayerKV]:
     """One LayerKV per layer, [B, H_kv, tokens, D] each, zero-filled: attention over the whole
     cache (the decode form) gives unwritten slots a zero weight, and 0 * NaN from uninitialised
-    memory would be NaN."""
+    memory would be NaN.
+
+    host: the "cpu" KV tier (plan.KV_TIERS): the cache lives in host memory whatever `device`
+    is, and attention over it runs on the CPU (models/host_attention.py). It is ordinary
+    (pageable) memory: only the step's q, k, v and output cross PCIe, through small pinned
+    staging buffers, so pinning the cache would cost ~0.6 s per GiB at allocation for no
+    transfer it speeds up."""
+    where = torch.device("cpu") if host else device
     shape = (batch, cfg.num_kv_heads, tokens, cfg.head_dim)
+
+    def zeros(size: tuple[int, ...], dt: torch.dtype) -> torch.Tensor:
+        return torch.zeros(size, dtype=dt, device=where)
+
     if check_kv_dtype(kv_dtype) == "int8":
-
-        def layer() -> LayerKV:
-            k, v = (torch.zeros(shape, dtype=torch.int8, device=device) for _ in range(2))
-            ks, vs = (torch.zeros(shape[:3], dtype=torch.float32, device=device) for _ in "kv")
-            return LayerKV(k, v, ks, vs)
-
-        return [layer() for _ in range(cfg.num_layers)]
+        return [
+            LayerKV(zeros(shape, torch.int8), zeros(shape, torch.int8),
+                    zeros(shape[:3], torch.float32), zeros(shape[:3], torch.float32), host)
+            for _ in range(cfg.num_layers)
+        ]  # fmt: skip
     return [
-        LayerKV(
-            torch.zeros(shape, dtype=dtype, device=device),
-            torch.zeros(shape, dtype=dtype, device=device),
-        )
-        for _ in range(cfg.num_layers)
+        LayerKV(zeros(shape, dtype), zeros(shape, dtype), host=host) for _ in range(cfg.num_layers)
     ]

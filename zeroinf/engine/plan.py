@@ -9,17 +9,27 @@ from zeroinf.errors import PlanError
 from zeroinf.format import padded_size
 from zeroinf.sizes import fmt_bytes
 
-TIERS = ("gpu", "cpu", "nvme")
-# Where the KV cache can live. Only the device tier is built; a host tier (KV in pinned memory,
-# attention on the CPU) is a new entry here plus its term in costmodel.py.
-KV_TIERS = ("gpu",)
+TIERS = ("gpu", "host", "cpu", "nvme")
+STREAMED_TIERS = ("cpu", "nvme")
+# Where the KV cache can live: "gpu", on the compute device; "cpu", in host memory with each
+# layer's attention run on the CPU (models/host_attention.py; its cost: costmodel.py).
+KV_TIERS = ("gpu", "cpu")
 
 
 @dataclass(frozen=True)
 class Placement:
     unit: str
     nbytes: int
-    tier: str  # "gpu": resident on the device; "cpu": pinned host memory; "nvme": unit file
+    # "gpu": resident on the device; "cpu": pinned host memory; "nvme": unit file; "host": the
+    # embed unit whose token table stays in host memory, its rows gathered there
+    # (engine/gather.py), its other tensors resident
+    tier: str
+    host_only: int = 0  # bytes of the unit that never reach the device ("host" tier)
+
+    @property
+    def device_bytes(self) -> int:
+        """Bytes this unit keeps on the device for the whole run (0 for a streamed unit)."""
+        return self.nbytes - self.host_only if self.tier in ("gpu", "host") else 0
 
 
 @dataclass(frozen=True)
@@ -36,6 +46,7 @@ class Plan:
     # the KV cache of `batch` rows.
     kv_bytes: int = 0  # device bytes of the KV cache counted in gpu_budget
     kv_tier: str = "gpu"  # one of KV_TIERS
+    kv_host_bytes: int = 0  # host bytes of a "cpu"-tier KV cache (0: none, or not planned)
     micro_batch: int | None = None  # decode rows per micro-batch; None: not planned
     micro_batches: int = 1
     predicted_prefill_s: float | None = None
@@ -49,6 +60,11 @@ class Plan:
             raise PlanError(f"prefetch={self.prefetch}: must be >= 1")
         if self.kv_tier not in KV_TIERS:
             raise PlanError(f"kv_tier={self.kv_tier!r}: must be one of {', '.join(KV_TIERS)}")
+        if self.kv_tier == "cpu" and self.kv_bytes or self.kv_tier == "gpu" and self.kv_host_bytes:
+            raise PlanError(
+                f"kv_tier={self.kv_tier!r} with kv_bytes={self.kv_bytes}, kv_host_bytes="
+                f"{self.kv_host_bytes}: a KV cache lives on one side only"
+            )
         if self.micro_batch is not None and self.micro_batch < 1 or self.micro_batches < 1:
             raise PlanError(
                 f"micro_batch={self.micro_batch}, micro_batches={self.micro_batches}: must be >= 1"
@@ -61,11 +77,16 @@ class Plan:
 
     @property
     def streamed(self) -> tuple[Placement, ...]:
-        return tuple(p for p in self.placements if p.tier != "gpu")
+        return tuple(p for p in self.placements if p.tier in STREAMED_TIERS)
 
     @property
     def resident_bytes(self) -> int:
-        return sum(p.nbytes for p in self.placements if p.tier == "gpu")
+        return sum(p.device_bytes for p in self.placements)
+
+    @property
+    def host_tier_bytes(self) -> int:
+        """Bytes of units gathered on the host, held whole in host memory by every rank."""
+        return sum(p.nbytes for p in self.placements if p.tier == "host")
 
     @property
     def streamed_bytes(self) -> int:
@@ -114,6 +135,12 @@ class Plan:
             + (f", {fmt_bytes(self.kv_bytes)} KV cache" if self.kv_bytes else ""),
             f"  resident: {_ranges(res) or '-'}",
             *(
+                f"  {p.unit}: {fmt_bytes(p.host_only)} table kept in host memory, its rows "
+                f"gathered there ({fmt_bytes(p.device_bytes)} on the device)"
+                for p in self.placements
+                if p.tier == "host"
+            ),
+            *(
                 [
                     f"  {self.world} ranks: each holds and copies "
                     f"{fmt_bytes(self.rank_streamed_bytes)} of the streamed units per pass"
@@ -132,6 +159,12 @@ class Plan:
             lines.append(
                 f"  batch {self.batch} = {self.micro_batches} micro-batch(es) x "
                 f"{self.micro_batch} rows, KV cache on {self.kv_tier}, prefetch {self.prefetch}"
+            )
+        if self.kv_tier == "cpu":
+            lines.append(
+                "  KV cache in host memory"
+                + (f" ({fmt_bytes(self.kv_host_bytes)})" if self.kv_host_bytes else "")
+                + ", attention on the CPU"
             )
         if self.predicted_tok_s is not None:
             lines.append(
@@ -183,42 +216,78 @@ def make_plan(
     world: int = 1,
     workspace: int = 0,
     kv_bytes: int = 0,
+    gathered: dict[str, int] | None = None,
 ) -> Plan:
     """Keep units resident, largest saving first, while resident bytes plus `prefetch` slots
     (each as large as the largest unit still streamed) plus `workspace` and `kv_bytes` fit in
-    `gpu_budget`."""
+    `gpu_budget`.
+
+    gathered: {unit: bytes of its table} for units whose table can stay on the host (the
+    embed unit, engine/gather.py). When not everything fits on the device, such a unit may take
+    the "host" tier: only its other bytes count against the budget, and it never streams. That
+    plan is taken unless streaming the unit whole streams fewer bytes (its device part may
+    cost a resident layer) or is the only one that fits."""
+    fixed = workspace + kv_bytes
+    variants = [{}]  # unit index -> bytes kept on the host
+    if gathered and sum(nb for _, nb in units) + fixed > gpu_budget:
+        variants.insert(0, {i: gathered[n] for i, (n, _) in enumerate(units) if n in gathered})
+    fits, fails = [], []
+    for host in variants:
+        placements, need = _placements(units, gpu_budget, offload, prefetch, fixed, host)
+        (fits if placements else fails).append((placements, need, host))
+    if not fits:
+        _, need, host = min(fails, key=lambda f: f[1])
+        largest = max(nb - host.get(i, 0) for i, (_, nb) in enumerate(units) if i not in host)
+        extra = f" plus {fmt_bytes(workspace)} for activations" if workspace else ""
+        extra += f" plus {fmt_bytes(kv_bytes)} of KV cache" if kv_bytes else ""
+        extra += "".join(
+            f" plus {fmt_bytes(units[i][1] - kept)} of {units[i][0]}"
+            for i, kept in host.items()
+            if units[i][1] > kept
+        )
+        raise PlanError(
+            f"gpu_memory {fmt_bytes(gpu_budget)} cannot hold {prefetch} streaming slot(s) of "
+            f"{fmt_bytes(largest)} (the largest unit){extra}: need at least "
+            f"{fmt_bytes(need)}; raise gpu_memory or lower prefetch"
+        )
+    placements = min(fits, key=lambda f: sum(p.nbytes for p in f[0] if p.tier == offload))[0]
+    return Plan(
+        device, offload, placements, prefetch, gpu_budget, h2d_bytes_per_s, world, workspace,
+        kv_bytes,
+    )  # fmt: skip
+
+
+def _placements(
+    units: list[tuple[str, int]], gpu_budget: int, offload: str, prefetch: int, fixed: int,
+    host: dict[int, int],
+) -> tuple[tuple[Placement, ...] | None, int]:  # fmt: skip
+    """(placements, least budget any placement needs); placements None when none fits. Units
+    in `host` keep those bytes on the host and the rest resident."""
+    size = [nb - host.get(i, 0) for i, (_, nb) in enumerate(units)]  # device bytes if kept
     rank = {i: r for r, i in enumerate(_spread_order(len(units)))}
-    order = sorted(range(len(units)), key=lambda i: (-units[i][1], rank[i]))
+    order = sorted(
+        (i for i in range(len(units)) if i not in host), key=lambda i: (-size[i], rank[i])
+    )
 
     def need(resident: set[int]) -> int:
-        streamed = [nb for k, (_, nb) in enumerate(units) if k not in resident]
+        streamed = [size[k] for k in order if k not in resident]
         slots = prefetch * max(streamed, default=0)
-        return sum(units[k][1] for k in resident) + slots + workspace + kv_bytes
+        return sum(size[k] for k in resident | host.keys()) + slots + fixed
 
     # The longest prefix of `order` that fits, then any smaller unit that still fits.
-    resident: set[int] = set()
     for k in range(len(order), -1, -1):
         if need(set(order[:k])) <= gpu_budget:
             resident = set(order[:k])
             break
     else:
-        largest = max(nb for _, nb in units)
-        extra = f" plus {fmt_bytes(workspace)} for activations" if workspace else ""
-        extra += f" plus {fmt_bytes(kv_bytes)} of KV cache" if kv_bytes else ""
-        raise PlanError(
-            f"gpu_memory {fmt_bytes(gpu_budget)} cannot hold {prefetch} streaming slot(s) of "
-            f"{fmt_bytes(largest)} (the largest unit){extra}: need at least "
-            f"{fmt_bytes(prefetch * largest + workspace + kv_bytes)}; raise gpu_memory or lower "
-            "prefetch"
-        )
+        return None, need(set())
     for i in order:
         if i not in resident and need(resident | {i}) <= gpu_budget:
             resident.add(i)
     placements = tuple(
-        Placement(name, nb, "gpu" if i in resident else offload)
+        Placement(name, nb, "host", host[i])
+        if i in host
+        else Placement(name, nb, "gpu" if i in resident else offload)
         for i, (name, nb) in enumerate(units)
     )
-    return Plan(
-        device, offload, placements, prefetch, gpu_budget, h2d_bytes_per_s, world, workspace,
-        kv_bytes,
-    )  # fmt: skip
+    return placements, need(set())

@@ -26,9 +26,10 @@ import torch
 import torch.distributed as dist
 
 from zeroinf.engine.distributed import RankGroup
-from zeroinf.engine.plan import Plan
+from zeroinf.engine.gather import host_split, table_name
+from zeroinf.engine.plan import STREAMED_TIERS, Plan
 from zeroinf.errors import ReadError, ZeroInfError
-from zeroinf.format import Checkpoint, UnitEntry, padded_size, partition
+from zeroinf.format import DTYPES, Checkpoint, UnitEntry, padded_size, partition
 from zeroinf.io import PinnedArena, aligned_empty, open_reader
 from zeroinf.synthetic import SyntheticCheckpoint
 
@@ -84,8 +85,14 @@ class Prefetcher:
         self.reader = open_reader(io_backend)
         self.arena: PinnedArena | None = None
         self.resident: dict[int, torch.Tensor] = {}  # unit index -> device buffer
-        self.host: dict[int, torch.Tensor] = {}  # unit index -> pinned buffer (CPU tier)
-        self.streamed = [j for j, p in enumerate(plan.placements) if p.tier != "gpu"]
+        self.host: dict[int, torch.Tensor] = {}  # unit index -> pinned buffer (CPU/host tier)
+        # "host" tier: unit index -> (its table [V, E] in host memory, the unit's layout on the
+        # device: its other tensors, packed)
+        self.tables: dict[int, torch.Tensor] = {}
+        self.device_units: dict[int, UnitEntry] = {}
+        self._row_stages: list[tuple[torch.Tensor, Any]] = []  # pinned, for gathered rows
+        self._row_next = 0
+        self.streamed = [j for j, p in enumerate(plan.placements) if p.tier in STREAMED_TIERS]
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
         # CUDA graphs are captured on a stream of their own (engine/graphs.py)
         self.capture_stream = torch.cuda.Stream(device) if self.cuda else None
@@ -187,18 +194,75 @@ class Prefetcher:
             torch.cuda.synchronize(self.device)
 
     def _load_host_tier(self) -> None:
-        cpu = [j for j, p in enumerate(self.plan.placements) if p.tier == "cpu"]
-        if not cpu:
+        """The CPU tier (each rank its share of every unit) and the "host" tier (whole units
+        whose table stays here, the rest copied to the device once)."""
+        tiers = {j: p.tier for j, p in enumerate(self.plan.placements) if p.tier in ("cpu", "host")}
+        if not tiers:
             return
-        sizes = [self._share_bytes(j) for j in cpu]
+        sizes = [
+            self._share_bytes(j) if t == "cpu" else self.units[j].nbytes for j, t in tiers.items()
+        ]
         self.arena = PinnedArena(sizes, pin=self.cuda)
         handles = []
-        for j, size in zip(cpu, sizes, strict=True):
+        for (j, tier), size in zip(tiers.items(), sizes, strict=True):
             buf = self.arena.alloc(size)
             self.host[j] = buf
-            handles.append(self._read(j, buf, sharded=True))
+            handles.append(self._read(j, buf, sharded=tier == "cpu"))
         for h in handles:
             h.wait()
+        for j in (j for j, t in tiers.items() if t == "host"):
+            self._keep_table_on_host(j)
+
+    def _keep_table_on_host(self, j: int) -> None:
+        """Unit j's table stays in its host buffer; its other tensors go to the device, packed
+        as gather.host_split lays them out."""
+        table, dev_unit = host_split(self.units[j], table_name(self.ckpt))
+        host = self.host[j]
+        rows = host[table.offset : table.offset + table.nbytes].view(DTYPES[table.dtype])
+        self.tables[j] = rows.view(table.shape)
+        buf = torch.empty(dev_unit.nbytes, dtype=torch.uint8, device=self.device)
+        for old, new in zip((t for t in self.units[j].tensors if t.name != table.name),
+                            dev_unit.tensors, strict=True):  # fmt: skip
+            buf[new.offset : new.offset + new.nbytes].copy_(
+                host[old.offset : old.offset + old.nbytes]
+            )
+        self.resident[j] = buf
+        self.device_units[j] = dev_unit
+
+    def gather_rows(
+        self, j: int, ids: torch.Tensor, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Rows of unit j's host-kept table for ids [B, S] -> [B, S, E] on the device (into
+        `out` when given): gathered on the host into pinned staging, then one copy on the
+        current stream. Reading the ids waits for them (in decode: the last step's sampling)."""
+        table = self.tables[j]  # [V, E]
+        flat = ids.reshape(-1).cpu()
+        n, width = flat.numel(), table.shape[1]
+        stage = self._row_stage(n * width * table.element_size())
+        rows = stage[0][: n * width * table.element_size()].view(table.dtype).view(n, width)
+        torch.index_select(table, 0, flat, out=rows)
+        if out is None:
+            out = torch.empty(*ids.shape, width, dtype=table.dtype, device=self.device)
+        out.view(n, width).copy_(rows, non_blocking=self.cuda)
+        if stage[1] is not None:
+            stage[1].record()  # the staging buffer is reused once this copy has finished
+        return out
+
+    def _row_stage(self, nbytes: int) -> tuple[torch.Tensor, Any]:
+        """The next of two pinned staging buffers for gathered rows, at least nbytes, once
+        its previous copy to the device has finished."""
+        if not self._row_stages:
+            self._row_stages = [(torch.empty(0, dtype=torch.uint8), None)] * 2
+        k = self._row_next % 2
+        self._row_next += 1
+        buf, ev = self._row_stages[k]
+        if ev is not None:
+            ev.synchronize()
+        if buf.numel() < nbytes:
+            buf = aligned_empty(nbytes, pin=self.cuda)
+            ev = torch.cuda.Event() if self.cuda else None
+            self._row_stages[k] = (buf, ev)
+        return buf, ev
 
     # ---- the copy side (worker thread) ----
 
@@ -369,7 +433,7 @@ class Prefetcher:
     @property
     def host_bytes(self) -> int:
         """Host memory for streaming: the CPU tier's arena plus the staging ring."""
-        staging = sum(s.numel() for s, _ in self._staging)
+        staging = sum(s.numel() for s, _ in self._staging + self._row_stages)
         return (self.arena.nbytes if self.arena else 0) + staging
 
     @property
@@ -392,6 +456,8 @@ class Prefetcher:
         self.slots = []
         self.resident.clear()
         self.host.clear()
+        self.tables.clear()
+        self._row_stages = []
         if self.arena is not None:
             self.arena.close()
             self.arena = None

@@ -29,7 +29,7 @@ log = logging.getLogger("zeroinf")
 
 ENV_CACHE_DIR = "ZEROINF_CACHE_DIR"
 CACHE_FILE = "probe.json"
-CACHE_FORMAT = "zeroinf-probe/1"
+CACHE_FORMAT = "zeroinf-probe/2"  # /2: CPU attention is the host KV tier's own code, int8 too
 DISK_BYTES = 1 << 30  # read at most this much of a folder's largest files (about 1 s on NVMe)
 
 
@@ -43,8 +43,9 @@ class Rates:
     hbm_bytes_per_s: float  # device copy, read + write bytes
     h2d_bytes_per_s: float  # pinned host -> device
     d2h_bytes_per_s: float  # device -> pinned host
-    cpu_attn_bytes_per_s: float  # KV bytes/s that torch SDPA on the host reads in a decode step
+    cpu_attn_bytes_per_s: float  # cache bytes/s host attention reads in a decode step
     disk_bytes_per_s: float | None = None  # O_DIRECT reads of the offload folder (NVMe tier)
+    cpu_attn_int8_bytes_per_s: float | None = None  # the same over an int8 cache (with scales)
 
     def stream_bytes_per_s(self, offload: str) -> float:
         """What feeds the streamed units: H2D, or min(disk, H2D) from NVMe."""
@@ -117,6 +118,7 @@ def measure(
         d2h,
         measure_cpu_attention(dtype, large=cuda),
         measure_disk(disk_dir, io_backend) if disk_dir is not None else None,
+        measure_cpu_attention(dtype, large=cuda, kv_dtype="int8"),
     )
     if cuda:  # hand the probe's 4 GiB back before the model's buffers are allocated
         torch.cuda.empty_cache()
@@ -174,14 +176,38 @@ def measure_h2d(device: torch.device, nbytes: int = 256 << 20) -> float:
     return measure_copy(device, nbytes)[0]
 
 
-def measure_cpu_attention(dtype: torch.dtype, large: bool) -> float:
-    """KV bytes/s that torch SDPA on the host reads for one decode token per row (what a host
-    KV tier would run): q [B, H, 1, D] against k, v [B, H, T, D]."""
+def measure_cpu_attention(dtype: torch.dtype, large: bool, kv_dtype: str | None = None) -> float:
+    """Cache bytes/s that host attention (the "cpu" KV tier's own code,
+    models.host_attention.attend_cached) reads for one decode token per row: q [B, H, 1, D]
+    against a host cache of [B, H, T, D] keys and values in `dtype`, or int8 with scales."""
+    from zeroinf.engine.kvcache import new_kv_cache
+    from zeroinf.models import ModelConfig
+    from zeroinf.models.host_attention import attend_cached
+
     b, h, t, d = (8, 8, 4096, 128) if large else (2, 4, 512, 64)
+    cfg = ModelConfig(model_type="llama", num_layers=1, hidden_size=h * d, num_heads=h,
+                      num_kv_heads=h, head_dim=d, intermediate_size=1, vocab_size=1,
+                      max_positions=t, tie_embeddings=False, norm_eps=1e-5,
+                      act="silu")  # fmt: skip
+    kv = new_kv_cache(cfg, b, t, dtype, torch.device("cpu"), kv_dtype, host=True)[0]
+    for x in (kv.k, kv.v):
+        x.copy_(
+            torch.randn(x.shape).to(x.dtype)
+            if kv_dtype is None
+            else torch.randint_like(x, -127, 128)
+        )
+    for s in (kv.k_scale, kv.v_scale):
+        if s is not None:
+            s.fill_(0.01)
     q = torch.randn(b, h, 1, d).to(dtype)
-    kv = torch.randn(b, h, t, d).to(dtype)
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-    return 2 * kv.nbytes / seconds(lambda: sdpa(q, kv, kv), torch.device("cpu"), repeat=3)
+    mask = torch.ones(b, 1, 1, t, dtype=torch.bool)
+    out = torch.empty(b, 1, h * d, dtype=dtype)
+    nbytes = sum(x.nbytes for x in (kv.k, kv.v, kv.k_scale, kv.v_scale) if x is not None)
+
+    def run() -> None:
+        attend_cached(q, kv, t, mask, d**-0.5, out)
+
+    return nbytes / seconds(run, torch.device("cpu"), repeat=3)
 
 
 def drop_page_cache() -> bool:
@@ -234,7 +260,8 @@ def _summary(r: Rates) -> str:
     return (
         f"matmul {r.flops / 1e12:.3g} TFLOP/s, HBM {r.hbm_bytes_per_s / 1e9:.0f} GB/s, "
         f"H2D {r.h2d_bytes_per_s / 1e9:.1f} GB/s, D2H {r.d2h_bytes_per_s / 1e9:.1f} GB/s, "
-        f"CPU attention {r.cpu_attn_bytes_per_s / 1e9:.1f} GB/s{disk}"
+        f"CPU attention {r.cpu_attn_bytes_per_s / 1e9:.1f} GB/s (int8 cache "
+        f"{(r.cpu_attn_int8_bytes_per_s or 0) / 1e9:.1f}){disk}"
     )
 
 

@@ -2,7 +2,7 @@
 
 fam = get_family(cfg.model_type)
 fam.unit_tensors(cfg)                   -> [(unit name, {local key: HF tensor name})]
-fam.embed(ids, w, ctx, cfg) / fam.layer(h, w, kv, ctx, cfg) / fam.head(h, w, cfg)
+fam.embed(rows, w, ctx, cfg) / fam.layer(h, w, kv, ctx, cfg) / fam.head(h, w, cfg)
 """
 
 from __future__ import annotations

@@ -9,7 +9,10 @@ A family module (zeroinf/models/<family>.py) is pure math over plain tensors. It
         HF tensors in each unit; the executor hands the model `{local key: tensor}`.
         Tied embeddings: the head's dict names the embedding's HF tensor too, and the converter
         writes a copy of it into the head unit so every unit streams on its own.
-    embed(ids, w, ctx, cfg) -> h            ids [B, S] int64 -> h [B, S, D]
+    EMBED_TABLE                             the embed unit's local key of the token table
+    embed(x, w, ctx, cfg) -> h              x [B, S, E]: the ids' rows of w[EMBED_TABLE],
+                                            gathered by the executor (on the host when the
+                                            table stays there: engine/gather.py) -> h [B, S, D]
     layer(h, w, kv, ctx, cfg) -> h          h [B, S, D]; writes this step's keys/values into kv
     head(h, w, cfg) -> logits               h [B, S', D] -> logits [B, S', V] float32
 
@@ -66,18 +69,24 @@ class QuantWeight:
 class LayerKV:
     """One layer's KV cache: k and v are [B, H_kv, T_max, D_head] in the model's dtype, or int8
     with k_scale and v_scale [B, H_kv, T_max] float32 (kernels.kv_quant: x ~= q * scale,
-    symmetric per token and kv head, quantized as tokens are written)."""
+    symmetric per token and kv head, quantized as tokens are written).
+
+    host: the cache is the host ("cpu") KV tier: its tensors live in host memory whatever the
+    compute device, and models.layers.attend runs this layer's attention on the CPU
+    (models/host_attention.py). A flag rather than a test of the tensors' device, so that the
+    same path runs, and is tested, on a CPU-only machine."""
 
     k: torch.Tensor
     v: torch.Tensor
     k_scale: torch.Tensor | None = None
     v_scale: torch.Tensor | None = None
+    host: bool = False
 
     def rows(self, a: int, b: int) -> LayerKV:
         """The cache of rows a..b-1 (views: writes land in this cache)."""
         ks = self.k_scale[a:b] if self.k_scale is not None else None
         vs = self.v_scale[a:b] if self.v_scale is not None else None
-        return LayerKV(self.k[a:b], self.v[a:b], ks, vs)
+        return LayerKV(self.k[a:b], self.v[a:b], ks, vs, self.host)
 
     @property
     def quantized(self) -> bool:

@@ -5,13 +5,13 @@ and the parallel residual h + attn(ln1(h)) + mlp(ln2(h)) (or sequential when tur
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from zeroinf.models.base import Context, LayerKV
 from zeroinf.models.config import ModelConfig
 from zeroinf.models.layers import activation, apply_rotary, attend, layer_norm, linear, rotary
 
 # Checkpoints saved by older transformers hold the causal-mask and rotary buffers.
+EMBED_TABLE = "embed_in.weight"  # the embed unit's token table (engine/gather.py)
 IGNORED_TENSORS = (
     r"\.attention\.bias$",
     r"\.attention\.masked_bias$",
@@ -43,9 +43,10 @@ def unit_tensors(cfg: ModelConfig) -> list[tuple[str, dict[str, str]]]:
 
 
 def embed(
-    ids: torch.Tensor, w: dict[str, torch.Tensor], ctx: Context, cfg: ModelConfig
+    x: torch.Tensor, w: dict[str, torch.Tensor], ctx: Context, cfg: ModelConfig
 ) -> torch.Tensor:
-    return F.embedding(ids, w["embed_in.weight"])  # [B, S, D]
+    """x: the ids' rows of the EMBED_TABLE [B, S, D], the hidden state as it is."""
+    return x
 
 
 def _ln(x: torch.Tensor, w: dict[str, torch.Tensor], name: str, cfg: ModelConfig) -> torch.Tensor:

@@ -164,11 +164,21 @@ def attend(
     window: int | None = None,
 ) -> torch.Tensor:
     """Write this step's k, v into the cache and attend over kv[:, :, :start + S] (the whole
-    cache, masked, in the whole-cache form: Context.write_index).
+    cache, masked, in the whole-cache form: Context.write_index). A host cache (LayerKV.host,
+    the "cpu" KV tier) attends on the CPU: models/host_attention.py.
 
     q [B, H, S, D]; k, v [B, Hkv, S, D] -> [B, S, H * D].
     """
     B, H, S, D = q.shape
+    # A prefill over an int8 cache attends over its own keys as computed, not over their int8
+    # round trip (transformers' QuantizedCache does the same), and over earlier ones from the
+    # cache. The rule depends only on S, so a prompt gets the same keys whether it is prefilled
+    # alone or beside other rows' decode (continuous refill).
+    fresh_keys = kv.quantized and ctx.write_index is None and S > 1
+    if kv.host:
+        from zeroinf.models.host_attention import attend_host
+
+        return attend_host(q, k, v, kv, ctx.start, window_mask(ctx, window), scale, fresh_keys)
     write_kv(kv, ctx, k, v)
     if S == 1 and ctx.write_index is not None and q.is_cuda and kernels.HAS_TRITON_GPU:
         # GQA without expanding kv heads, an int8 cache read inside the kernel
@@ -177,11 +187,7 @@ def attend(
         o = kernels.decode_attention(q, kv.k, kv.v, T, key_mask=key_mask, scale=scale,
                                      k_scale=kv.k_scale, v_scale=kv.v_scale)  # fmt: skip
         return o.view(B, 1, H * D)  # o [B, H, 1, D] contiguous
-    if kv.quantized and ctx.write_index is None and S > 1:
-        # A prefill attends over its own keys as computed, not over their int8 round trip
-        # (transformers' QuantizedCache does the same), and over earlier ones from the cache.
-        # The rule depends only on S, so a prompt gets the same keys whether it is prefilled
-        # alone or beside other rows' decode (continuous refill).
+    if fresh_keys:
         keys, values = k.to(q.dtype), v.to(q.dtype)
         if ctx.start > 0:
             old_k, old_v = read_kv(kv, ctx.start, q.dtype)
@@ -189,6 +195,15 @@ def attend(
     else:
         end = None if ctx.write_index is not None else ctx.start + S
         keys, values = read_kv(kv, end, q.dtype)  # [B, Hkv, T, D]
+    o = sdpa(q, keys, values, window_mask(ctx, window), scale)  # [B, H, S, D]
+    return o.transpose(1, 2).reshape(B, S, H * D)
+
+
+def sdpa(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """q [B, H, S, D] over keys, values [B, Hkv, T, D] with mask [B, 1, S, T] -> [B, H, S, D]."""
+    B, H, S, D = q.shape
     n_rep = H // keys.shape[1]
     if n_rep > 1:
         # GQA: expand kv heads. SDPA's enable_gqa would avoid the copy but sends a masked call
@@ -196,10 +211,7 @@ def attend(
         T = keys.shape[2]
         keys = keys[:, :, None].expand(B, -1, n_rep, T, D).reshape(B, H, T, D)
         values = values[:, :, None].expand(B, -1, n_rep, T, D).reshape(B, H, T, D)
-    o = F.scaled_dot_product_attention(
-        q, keys, values, attn_mask=window_mask(ctx, window), scale=scale
-    )  # [B, H, S, D]
-    return o.transpose(1, 2).reshape(B, S, H * D)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
 
 
 def write_kv(kv: LayerKV, ctx: Context, k: torch.Tensor, v: torch.Tensor) -> None:

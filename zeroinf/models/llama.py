@@ -8,7 +8,6 @@ sliding window (Mistral), tied embeddings.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from zeroinf.models.base import Context, LayerKV
 from zeroinf.models.config import ModelConfig
@@ -16,6 +15,7 @@ from zeroinf.models.layers import apply_rotary, attend, gated_mlp, linear, rms_n
 
 # Old Llama checkpoints saved the rotary buffer; transformers ignores it on load.
 IGNORED_TENSORS = (r"\.rotary_emb\.inv_freq$",)
+EMBED_TABLE = "embed_tokens.weight"  # the embed unit's token table (engine/gather.py)
 
 
 def unit_tensors(cfg: ModelConfig) -> list[tuple[str, dict[str, str]]]:
@@ -55,9 +55,10 @@ def _prefixed(prefix: str, keys: list[str]) -> dict[str, str]:
 
 
 def embed(
-    ids: torch.Tensor, w: dict[str, torch.Tensor], ctx: Context, cfg: ModelConfig
+    x: torch.Tensor, w: dict[str, torch.Tensor], ctx: Context, cfg: ModelConfig
 ) -> torch.Tensor:
-    return F.embedding(ids, w["embed_tokens.weight"])  # [B, S, D]
+    """x: the ids' rows of the EMBED_TABLE [B, S, D], the hidden state as it is."""
+    return x
 
 
 def self_attention(

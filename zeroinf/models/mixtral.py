@@ -12,9 +12,9 @@ import torch
 from zeroinf.models.base import Context, LayerKV
 from zeroinf.models.config import ModelConfig
 from zeroinf.models.layers import gated_mlp, linear, rms_norm
-from zeroinf.models.llama import embed, head, head_tensors, layer_keys, self_attention
+from zeroinf.models.llama import EMBED_TABLE, embed, head, head_tensors, layer_keys, self_attention
 
-__all__ = ["IGNORED_TENSORS", "embed", "head", "layer", "moe", "unit_tensors"]
+__all__ = ["EMBED_TABLE", "IGNORED_TENSORS", "embed", "head", "layer", "moe", "unit_tensors"]
 
 IGNORED_TENSORS = (r"\.rotary_emb\.inv_freq$",)
 _MOE = "block_sparse_moe"

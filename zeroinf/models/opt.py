@@ -13,6 +13,7 @@ from zeroinf.models.layers import activation, attend, layer_norm, linear
 
 # OPT's learned position table starts at index 2 (a fairseq padding_idx legacy).
 POSITION_OFFSET = 2
+EMBED_TABLE = "embed_tokens.weight"  # the embed unit's token table (engine/gather.py)
 IGNORED_TENSORS: tuple[str, ...] = ()
 _DEC = "model.decoder."
 
@@ -56,9 +57,9 @@ def _ln(x: torch.Tensor, w: dict[str, torch.Tensor], name: str, cfg: ModelConfig
 
 
 def embed(
-    ids: torch.Tensor, w: dict[str, torch.Tensor], ctx: Context, cfg: ModelConfig
+    x: torch.Tensor, w: dict[str, torch.Tensor], ctx: Context, cfg: ModelConfig
 ) -> torch.Tensor:
-    x = F.embedding(ids, w["embed_tokens.weight"])  # [B, S, word_embed_proj_dim]
+    """x: the ids' rows of the EMBED_TABLE [B, S, word_embed_proj_dim] -> [B, S, D]."""
     if _projected(cfg):
         x = linear(x, w["project_in.weight"])  # [B, S, D]
     return x + F.embedding(ctx.positions + POSITION_OFFSET, w["embed_positions.weight"])

@@ -1,0 +1,167 @@
+"""Attention over a KV cache in host memory (the "cpu" KV tier, as FlexGen runs it): the one
+place where a layer's computation leaves the compute device. Family files never see it: they
+call models.layers.attend, which comes here for a cache whose LayerKV.host is set (importing
+this module when it first does: this module uses layers' sdpa).
+
+Per layer and step: q, k, v (and the step's mask) go to the host through pinned staging buffers
+with one host sync; k, v are written into the host cache (int8 caches quantized by the float32
+torch reference, kernels.kv_quant); attention runs with torch SDPA on the CPU, whose intra-op
+threads split it over rows and heads, in chunks of rows and kv heads so that temporaries (keys
+dequantized or expanded for GQA) stay under CHUNK_BYTES; the output [B, S, H * D] goes back to
+the compute device without a sync (stream-ordered, from a pinned buffer). The GPU waits for
+each layer's host attention; the prefetcher's copy stream keeps streaming weights meanwhile
+(engine/costmodel.py models exactly that). A prompt that sees no earlier cache entry is the
+exception: its attention stays on the GPU (see attend_host).
+
+The arithmetic is models.layers.attend's: the same cache writes, the same keys (a prefill over
+an int8 cache attends over its own keys as computed), the same SDPA on the host's copy; on a
+CPU-only machine the tokens equal the device tier's.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.kv_quant import cache_prefix, quantize_kv
+from zeroinf.models.base import LayerKV
+from zeroinf.models.layers import sdpa
+
+CHUNK_BYTES = 64 << 20  # temporaries of one chunk of (rows x kv heads)
+
+
+def attend_host(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv: LayerKV,
+    start: int,
+    mask: torch.Tensor,
+    scale: float,
+    fresh_keys: bool,
+) -> torch.Tensor:
+    """Write k, v at cache indices start .. start+S-1 of the host cache `kv` and attend over
+    indices 0 .. start+S-1 on the CPU (a prompt that sees only its own keys: where q is).
+
+    q [B, H, S, D]; k, v [B, Hkv, S, D] on the compute device; mask [B, 1, S, >= start + S]
+    bool (True: may attend); fresh_keys: attend over this step's k, v as computed rather than
+    as read back from the cache (an int8 prefill, models.layers.attend). Returns
+    [B, S, H * D] on q's device, in q's dtype."""
+    B, H, S, D = q.shape
+    end = start + S
+    if S > 1 and (fresh_keys or not kv.quantized) and _own_keys_only(mask, start):
+        # A prompt that sees no earlier cache entry (at the cache's start, or a refill row,
+        # whose predecessor's entries are masked) attends only over its own keys, which are on
+        # the compute device already (and equal the cache's in the model's dtype): its S x S
+        # attention runs there, on a GPU orders of magnitude faster than on the CPU; only the
+        # keys go to the host.
+        write_host(kv, start, *to_host(k, v))
+        o = sdpa(q, k, v, mask[..., start:end], scale)  # [B, H, S, D]
+        return o.transpose(1, 2).reshape(B, S, H * D)
+    hq, hk, hv, hmask = to_host(q, k, v, mask[..., :end])
+    write_host(kv, start, hk, hv)
+    out = torch.empty(B, S, H * D, dtype=q.dtype, pin_memory=q.is_cuda)
+    attend_cached(hq, kv, end, hmask, scale, out, (hk, hv) if fresh_keys else None)
+    return out.to(q.device, non_blocking=True) if q.is_cuda else out
+
+
+def _own_keys_only(mask: torch.Tensor, start: int) -> bool:
+    """Whether no query may attend to a cache index before `start` (mask [B, 1, S, T])."""
+    return start == 0 or not bool(mask[..., :start].any())  # one host sync
+
+
+def to_host(*xs: torch.Tensor) -> list[torch.Tensor]:
+    """Host copies of device tensors with one sync (pinned staging from torch's caching host
+    allocator: cheap after the first step); host tensors as they are."""
+    if not xs[0].is_cuda:
+        return list(xs)
+    outs = [torch.empty(x.shape, dtype=x.dtype, pin_memory=True) for x in xs]
+    for o, x in zip(outs, xs, strict=True):
+        o.copy_(x, non_blocking=True)
+    torch.cuda.current_stream(xs[0].device).synchronize()
+    return outs
+
+
+def write_host(kv: LayerKV, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Host k, v [B, Hkv, S, D] into the cache at indices start .. start+S-1 (int8 caches
+    quantize them first, as models.layers.write_kv does)."""
+    if kv.quantized:
+        assert kv.k_scale is not None and kv.v_scale is not None
+        (kq, ks), (vq, vs) = quantize_kv(k), quantize_kv(v)
+        pairs = ((kv.k, kq), (kv.k_scale, ks), (kv.v, vq), (kv.v_scale, vs))
+    else:
+        pairs = ((kv.k, k), (kv.v, v))
+    for cache, x in pairs:  # cache [B, Hkv, T_max, ...], x [B, Hkv, S, ...]
+        cache[:, :, start : start + x.shape[2]] = x.to(cache.dtype)
+
+
+def attend_cached(
+    q: torch.Tensor,
+    kv: LayerKV,
+    end: int,
+    mask: torch.Tensor,
+    scale: float,
+    out: torch.Tensor,
+    fresh: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> None:
+    """out [B, S, H * D] = attention of host q [B, H, S, D] over cache indices 0 .. end-1 of
+    the host cache, masked by mask [B, 1, S, end], in chunks of rows and kv heads. fresh: this
+    step's k, v [B, Hkv, S, D] in place of the cache's last S indices (fresh_keys above)."""
+    B, H, S, D = q.shape
+    Hkv = kv.k.shape[1]
+    n_rep = H // Hkv
+    rows, heads = chunk_shape(B, Hkv, n_rep, S, end, D, q.element_size(), fresh is not None,
+                              kv.quantized)  # fmt: skip
+    for r in range(0, B, rows):
+        rs = slice(r, r + rows)
+        for h in range(0, Hkv, heads):
+            hs = slice(h, min(h + heads, Hkv))
+            qs = slice(hs.start * n_rep, hs.stop * n_rep)  # the query heads of kv heads hs
+            part = LayerKV(kv.k[rs, hs], kv.v[rs, hs],
+                           None if kv.k_scale is None else kv.k_scale[rs, hs],
+                           None if kv.v_scale is None else kv.v_scale[rs, hs])  # fmt: skip
+            own = None if fresh is None else (fresh[0][rs, hs], fresh[1][rs, hs])
+            keys, values = _keys(part, end, q.dtype, own)  # [b, h, end, D] each
+            o = sdpa(q[rs, qs], keys, values, mask[rs], scale)  # [b, h * n_rep, S, D]
+            out[rs, :, qs.start * D : qs.stop * D] = o.transpose(1, 2).flatten(2)
+
+
+def chunk_shape(
+    B: int, Hkv: int, n_rep: int, S: int, T: int, D: int, itemsize: int, copies: bool = False,
+    quantized: bool = False,
+) -> tuple[int, int]:  # fmt: skip
+    """(rows, kv heads) per chunk: the chunk's temporaries (pair_bytes) fit CHUNK_BYTES, at least
+    one (row, kv head). A 16-bit multi-head cache needs no copy, so a decode step is then one
+    SDPA call over every row (each call costs tens of microseconds of dispatch)."""
+    per = pair_bytes(n_rep, S, T, D, itemsize, copies, quantized)
+    heads = max(1, min(Hkv, CHUNK_BYTES // per))
+    rows = max(1, CHUNK_BYTES // (per * heads)) if heads == Hkv else 1
+    return rows, heads
+
+
+def pair_bytes(
+    n_rep: int, S: int, T: int, D: int, itemsize: int, copies: bool, quantized: bool
+) -> int:
+    """Temporary bytes of one (row, kv head): float32 scores [n_rep * S, T], and keys and values
+    [T, D] copied in the compute dtype when `copies` (this step's own appended, or an int8
+    cache dequantized, through float32), expanded n_rep times for GQA."""
+    kv = 2 * T * D
+    per = 4 * n_rep * S * T
+    if quantized:
+        per += kv * (4 + itemsize)
+    if copies or quantized:
+        per += kv * itemsize
+    if n_rep > 1:
+        per += kv * n_rep * itemsize
+    return per
+
+
+def _keys(
+    kv: LayerKV, end: int, dtype: torch.dtype, fresh: tuple[torch.Tensor, torch.Tensor] | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values of cache indices 0 .. end-1 in `dtype`, each [b, h, end, D]; with
+    `fresh`, the last S of them are this step's own."""
+    if fresh is None:
+        return cache_prefix(kv.k, kv.v, end, kv.k_scale, kv.v_scale, dtype)
+    S = fresh[0].shape[2]
+    old_k, old_v = cache_prefix(kv.k, kv.v, end - S, kv.k_scale, kv.v_scale, dtype)
+    return torch.cat((old_k, fresh[0].to(dtype)), 2), torch.cat((old_v, fresh[1].to(dtype)), 2)
