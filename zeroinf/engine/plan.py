@@ -125,10 +125,12 @@ class Plan:
 
     def __str__(self) -> str:
         res = [p.unit for p in self.placements if p.tier == "gpu"]
+        hosted = [p.unit for p in self.placements if p.tier == "host"]
         lines = [
-            f"zeroinf plan on {self.device}: {len(res)}/{len(self.placements)} units resident "
-            f"({fmt_bytes(self.resident_bytes)}), {len(self.streamed)} streamed from "
-            f"{self.offload} ({fmt_bytes(self.streamed_bytes)} per forward pass)",
+            f"zeroinf plan on {self.device}: {len(res)}/{len(self.placements)} units resident"
+            + (f", {len(hosted)} gathered on the host" if hosted else "")
+            + f" ({fmt_bytes(self.resident_bytes)} on the device), {len(self.streamed)} streamed "
+            f"from {self.offload} ({fmt_bytes(self.streamed_bytes)} per forward pass)",
             f"  device weights {fmt_bytes(self.gpu_weight_bytes)} of budget "
             f"{fmt_bytes(self.gpu_budget)}: {self.slots} slot(s) x {fmt_bytes(self.slot_bytes)}"
             + (f", {fmt_bytes(self.workspace)} kept for activations" if self.workspace else "")
