@@ -319,13 +319,16 @@ def search_tiers(budgets: Budgets, kv_tiers: tuple[str, ...] | None) -> tuple[st
     return kv_tiers
 
 
-def _depths(kv_tier: str, max_prefetch: int) -> range:
-    """Prefetch depths to try. With the host KV tier, one slot is never tried when two are
-    allowed: the device then idles on the host's attention and on the next unit's copy in turn,
-    which the one-slot formula above understates. On the H100 machine (OPT-30B fp16, 24 GiB,
-    batch 96, 2026-11-24) one slot gave 1.94 s per decode step, predicted 1.79; two slots 1.61,
-    though the model ranked one slot first."""
-    return range(2 if kv_tier == "cpu" and max_prefetch >= 2 else 1, max_prefetch + 1)
+def _depths(kv_tier: str, max_prefetch: int) -> list[list[int]]:
+    """Prefetch depths to try, in rounds: a later round only when no plan fitted in the earlier
+    ones. With the host KV tier, one slot is tried only when two or more do not fit: the device
+    then idles on the host's attention and on the next unit's copy in turn, which the one-slot
+    formula above understates. On the H100 machine (OPT-30B fp16, 24 GiB, batch 96, 2026-11-24)
+    one slot gave 1.94 s per decode step, predicted 1.79; two slots 1.61, though the model
+    ranked one slot first."""
+    if kv_tier == "cpu" and max_prefetch >= 2:
+        return [list(range(2, max_prefetch + 1)), [1]]
+    return [list(range(1, max_prefetch + 1))]
 
 
 def choose_plan(
@@ -343,23 +346,27 @@ def choose_plan(
     best: tuple[tuple[float, ...], Plan] | None = None
     first_error: PlanError | None = None
     for kv_tier in search_tiers(budgets, kv_tiers):
-        for depth in _depths(kv_tier, budgets.max_prefetch):
-            for b in [batch] if batch else batch_grid(work.max_batch):
-                fitted = False
-                for n in (m for m in MICRO_BATCHES if b % m == 0):  # equal micro-batches
-                    micro = b // n
-                    try:
-                        plan = _fit(size, work, budgets, device, b, micro, depth, kv_tier)
-                    except PlanError as e:
-                        first_error = first_error or e
-                        continue
-                    fitted = True
-                    pred = predict(plan, size, rates, work, b, micro)
-                    key = (pred.tok_s, -b, -plan.micro_batches, -depth)
-                    if best is None or key > best[0]:  # strict: the first tier (gpu) wins ties
-                        best = (key, with_prediction(plan, pred))
-                if not fitted:
-                    break  # more rows only need more memory
+        tier_fitted = False
+        for depths in _depths(kv_tier, budgets.max_prefetch):
+            if tier_fitted:
+                break
+            for depth in depths:
+                for b in [batch] if batch else batch_grid(work.max_batch):
+                    fitted = False
+                    for n in (m for m in MICRO_BATCHES if b % m == 0):  # equal micro-batches
+                        micro = b // n
+                        try:
+                            plan = _fit(size, work, budgets, device, b, micro, depth, kv_tier)
+                        except PlanError as e:
+                            first_error = first_error or e
+                            continue
+                        fitted = tier_fitted = True
+                        pred = predict(plan, size, rates, work, b, micro)
+                        key = (pred.tok_s, -b, -plan.micro_batches, -depth)
+                        if best is None or key > best[0]:  # strict: the first tier (gpu) wins
+                            best = (key, with_prediction(plan, pred))
+                    if not fitted:
+                        break  # more rows only need more memory
     if best is None:
         assert first_error is not None
         rows = batch or 1
