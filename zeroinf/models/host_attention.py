@@ -22,9 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels.kv_quant import cache_prefix, quantize_kv
 from zeroinf.models.base import LayerKV
-from zeroinf.models.layers import sdpa
+from zeroinf.models.layers import sdpa, step_keys, write_kv
 
 CHUNK_BYTES = 64 << 20  # temporaries of one chunk of (rows x kv heads)
 
@@ -54,11 +53,11 @@ def attend_host(
         # the compute device already (and equal the cache's in the model's dtype): its S x S
         # attention runs there, on a GPU orders of magnitude faster than on the CPU; only the
         # keys go to the host.
-        write_host(kv, start, *to_host(k, v))
+        write_kv(kv, *to_host(k, v), start)
         o = sdpa(q, k, v, mask[..., start:end], scale)  # [B, H, S, D]
         return o.transpose(1, 2).reshape(B, S, H * D)
     hq, hk, hv, hmask = to_host(q, k, v, mask[..., :end])
-    write_host(kv, start, hk, hv)
+    write_kv(kv, hk, hv, start)
     out = torch.empty(B, S, H * D, dtype=q.dtype, pin_memory=q.is_cuda)
     attend_cached(hq, kv, end, hmask, scale, out, (hk, hv) if fresh_keys else None)
     return out.to(q.device, non_blocking=True) if q.is_cuda else out
@@ -79,19 +78,6 @@ def to_host(*xs: torch.Tensor) -> list[torch.Tensor]:
         o.copy_(x, non_blocking=True)
     torch.cuda.current_stream(xs[0].device).synchronize()
     return outs
-
-
-def write_host(kv: LayerKV, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
-    """Host k, v [B, Hkv, S, D] into the cache at indices start .. start+S-1 (int8 caches
-    quantize them first, as models.layers.write_kv does)."""
-    if kv.quantized:
-        assert kv.k_scale is not None and kv.v_scale is not None
-        (kq, ks), (vq, vs) = quantize_kv(k), quantize_kv(v)
-        pairs = ((kv.k, kq), (kv.k_scale, ks), (kv.v, vq), (kv.v_scale, vs))
-    else:
-        pairs = ((kv.k, k), (kv.v, v))
-    for cache, x in pairs:  # cache [B, Hkv, T_max, ...], x [B, Hkv, S, ...]
-        cache[:, :, start : start + x.shape[2]] = x.to(cache.dtype)
 
 
 def attend_cached(
@@ -120,7 +106,7 @@ def attend_cached(
                            None if kv.k_scale is None else kv.k_scale[rs, hs],
                            None if kv.v_scale is None else kv.v_scale[rs, hs])  # fmt: skip
             own = None if fresh is None else (fresh[0][rs, hs], fresh[1][rs, hs])
-            keys, values = _keys(part, end, q.dtype, own)  # [b, h, end, D] each
+            keys, values = step_keys(part, end, q.dtype, own)  # [b, h, end, D] each
             o = sdpa(q[rs, qs], keys, values, mask[rs], scale)  # [b, h * n_rep, S, D]
             out[rs, :, qs.start * D : qs.stop * D] = o.transpose(1, 2).flatten(2)
 
@@ -153,15 +139,3 @@ def pair_bytes(
     if n_rep > 1:
         per += kv * n_rep * itemsize
     return per
-
-
-def _keys(
-    kv: LayerKV, end: int, dtype: torch.dtype, fresh: tuple[torch.Tensor, torch.Tensor] | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys and values of cache indices 0 .. end-1 in `dtype`, each [b, h, end, D]; with
-    `fresh`, the last S of them are this step's own."""
-    if fresh is None:
-        return cache_prefix(kv.k, kv.v, end, kv.k_scale, kv.v_scale, dtype)
-    S = fresh[0].shape[2]
-    old_k, old_v = cache_prefix(kv.k, kv.v, end - S, kv.k_scale, kv.v_scale, dtype)
-    return torch.cat((old_k, fresh[0].to(dtype)), 2), torch.cat((old_v, fresh[1].to(dtype)), 2)

@@ -179,7 +179,7 @@ def attend(
         from zeroinf.models.host_attention import attend_host
 
         return attend_host(q, k, v, kv, ctx.start, window_mask(ctx, window), scale, fresh_keys)
-    write_kv(kv, ctx, k, v)
+    write_kv(kv, k, v, ctx.start, ctx.write_index)
     if S == 1 and ctx.write_index is not None and q.is_cuda and kernels.HAS_TRITON_GPU:
         # GQA without expanding kv heads, an int8 cache read inside the kernel
         key_mask = window_mask(ctx, window)[:, 0, 0]  # [B, T_max]
@@ -187,14 +187,8 @@ def attend(
         o = kernels.decode_attention(q, kv.k, kv.v, T, key_mask=key_mask, scale=scale,
                                      k_scale=kv.k_scale, v_scale=kv.v_scale)  # fmt: skip
         return o.view(B, 1, H * D)  # o [B, H, 1, D] contiguous
-    if fresh_keys:
-        keys, values = k.to(q.dtype), v.to(q.dtype)
-        if ctx.start > 0:
-            old_k, old_v = read_kv(kv, ctx.start, q.dtype)
-            keys, values = torch.cat((old_k, keys), 2), torch.cat((old_v, values), 2)
-    else:
-        end = None if ctx.write_index is not None else ctx.start + S
-        keys, values = read_kv(kv, end, q.dtype)  # [B, Hkv, T, D]
+    end = None if ctx.write_index is not None else ctx.start + S
+    keys, values = step_keys(kv, end, q.dtype, (k, v) if fresh_keys else None)  # [B, Hkv, T, D]
     o = sdpa(q, keys, values, window_mask(ctx, window), scale)  # [B, H, S, D]
     return o.transpose(1, 2).reshape(B, S, H * D)
 
@@ -214,9 +208,11 @@ def sdpa(
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
 
 
-def write_kv(kv: LayerKV, ctx: Context, k: torch.Tensor, v: torch.Tensor) -> None:
-    """k, v [B, Hkv, S, D] into the cache at indices start .. start+S-1 (int8 caches quantize
-    them first)."""
+def write_kv(
+    kv: LayerKV, k: torch.Tensor, v: torch.Tensor, start: int, index: torch.Tensor | None = None
+) -> None:
+    """k, v [B, Hkv, S, D] into the cache at indices start .. start+S-1, or at `index` [S]
+    (the whole-cache form, Context.write_index); int8 caches quantize them first."""
     if kv.quantized:
         assert kv.k_scale is not None and kv.v_scale is not None
         kq, ks = quantize_kv(k)
@@ -226,16 +222,34 @@ def write_kv(kv: LayerKV, ctx: Context, k: torch.Tensor, v: torch.Tensor) -> Non
         pairs = ((kv.k, k), (kv.v, v))
     for cache, x in pairs:  # cache [B, Hkv, T_max, ...], x [B, Hkv, S, ...]
         x = x.to(cache.dtype)
-        if ctx.write_index is None:
-            cache[:, :, ctx.start : ctx.start + x.shape[2]] = x
+        if index is None:
+            cache[:, :, start : start + x.shape[2]] = x
         else:
-            cache.index_copy_(2, ctx.write_index, x)
+            cache.index_copy_(2, index, x)
 
 
 def read_kv(kv: LayerKV, end: int | None, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys and values of cache indices 0 .. end-1 (all of them when end is None) in `dtype`:
     each [B, Hkv, T, D]."""
     return cache_prefix(kv.k, kv.v, end, kv.k_scale, kv.v_scale, dtype)
+
+
+def step_keys(
+    kv: LayerKV, end: int | None, dtype: torch.dtype,
+    fresh: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Keys and values a step attends over, each [B, Hkv, T, D] in `dtype`: cache indices
+    0 .. end-1 (the whole cache when end is None); with `fresh` (this step's own k, v
+    [B, Hkv, S, D]), the last S of them as computed rather than read back from the cache."""
+    if fresh is None:
+        return read_kv(kv, end, dtype)
+    assert end is not None
+    keys, values = fresh[0].to(dtype), fresh[1].to(dtype)
+    S = keys.shape[2]
+    if end > S:
+        old_k, old_v = read_kv(kv, end - S, dtype)
+        keys, values = torch.cat((old_k, keys), 2), torch.cat((old_v, values), 2)
+    return keys, values
 
 
 def precompute(ctx: Context, cfg: ModelConfig, dtype: torch.dtype) -> None:
