@@ -14,7 +14,7 @@ import torch
 import torch.distributed
 
 from zeroinf.engine import costmodel
-from zeroinf.engine.autoplan import auto_plan, check_batch_args, whole_budget
+from zeroinf.engine.autoplan import auto_plan, check_batch_args, host_available, whole_budget
 from zeroinf.engine.costmodel import Budgets, Workload
 from zeroinf.engine.distributed import RankGroup, group_from_env, rank_device
 from zeroinf.engine.executor import Executor
@@ -251,9 +251,7 @@ class Model:
 
 def _check_host_kv(need: int, batch: int, tokens: int) -> None:
     """A host ("cpu" tier) KV cache must fit in the memory the host has available now."""
-    import psutil
-
-    have = psutil.virtual_memory().available
+    have = host_available()
     if need > have:
         raise PlanError(
             f"KV cache for batch {batch} x {tokens} tokens needs {fmt_bytes(need)} of host "
@@ -345,8 +343,7 @@ def load(
             plan = dataclasses.replace(plan, micro_batch=batch_size)
         plan = dataclasses.replace(plan, kv_tier=kv_tier or "gpu")
     cpu_budget = parse_bytes(cpu_memory, "cpu_memory")
-    host = (plan.streamed_bytes if offload == "cpu" else 0) + plan.host_tier_bytes
-    host += plan.kv_host_bytes  # a planned "cpu"-tier KV cache
+    host = plan.host_unit_bytes(per_rank=False) + plan.kv_host_bytes  # and a host KV cache
     if cpu_budget is not None and host > cpu_budget:
         raise PlanError(
             f"cpu_memory {fmt_bytes(cpu_budget)} cannot hold the {fmt_bytes(host)} of units the "
@@ -400,13 +397,10 @@ def _check_shapes(ckpt: Checkpoint) -> None:
 def _check_host_memory(plan: Plan, device: torch.device) -> None:
     """Host bytes the plan will allocate (the CPU tier; every unit when the device is the CPU)
     must fit in the memory the host has available, before anything is allocated."""
-    import psutil
-
-    need = (plan.rank_streamed_bytes if plan.offload == "cpu" else 0) + plan.host_tier_bytes
-    need += plan.kv_host_bytes
+    need = plan.host_unit_bytes(per_rank=True) + plan.kv_host_bytes
     if device.type == "cpu":
         need += plan.resident_bytes
-    have = psutil.virtual_memory().available
+    have = host_available()
     if need > have:
         raise PlanError(
             f"host memory: the plan keeps {fmt_bytes(need)} in host memory but only "

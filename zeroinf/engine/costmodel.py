@@ -36,6 +36,7 @@ CPU and host budgets, so a chosen plan never accounts for more than a budget.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -283,8 +284,7 @@ def _fit(
         workspace=ws, kv_bytes=kv if kv_tier == "gpu" else 0, gathered=dict(size.gathered),
     )  # fmt: skip
     host_kv = kv if kv_tier == "cpu" else 0
-    # host memory besides the KV cache: pinned streamed units, a table gathered on the host
-    pinned = (plan.streamed_bytes if budgets.offload == "cpu" else 0) + plan.host_tier_bytes
+    pinned = plan.host_unit_bytes(per_rank=False)  # host memory besides the KV cache
     if budgets.cpu is not None and pinned + host_kv > budgets.cpu:
         what = f"{fmt_bytes(pinned)} of streamed units that gpu_memory {fmt_bytes(budgets.gpu)} "
         what += f"leaves for batch {batch}"
@@ -294,8 +294,7 @@ def _fit(
             f"cpu_memory {fmt_bytes(budgets.cpu)} cannot hold the {what}; raise cpu_memory or "
             "gpu_memory, or use offload='nvme'"
         )
-    host_need = (plan.rank_streamed_bytes if budgets.offload == "cpu" else 0) + host_kv
-    host_need += plan.host_tier_bytes
+    host_need = plan.host_unit_bytes(per_rank=True) + host_kv
     if budgets.host is not None and host_need > budgets.host:
         raise PlanError(
             f"host memory: {fmt_bytes(budgets.host)} available cannot hold "
@@ -331,6 +330,30 @@ def _depths(kv_tier: str, max_prefetch: int) -> list[list[int]]:
     return [list(range(1, max_prefetch + 1))]
 
 
+def _candidates(
+    size: ModelSize, rates: Rates, work: Workload, budgets: Budgets, device: str,
+    batch: int | None, kv_tier: str, depth: int, errors: list[PlanError],
+) -> Iterator[tuple[tuple[float, ...], Plan]]:  # fmt: skip
+    """(ranking key, plan with its prediction) of every batch (`batch`, or the grid up to
+    work.max_batch) and equal micro-batch count that fits with this KV tier and prefetch depth;
+    what does not fit goes to `errors`. Key: predicted tokens/s, then fewer rows, micro-batches
+    and slots."""
+    for b in [batch] if batch else batch_grid(work.max_batch):
+        fitted = False
+        for n in (m for m in MICRO_BATCHES if b % m == 0):  # equal micro-batches
+            micro = b // n
+            try:
+                plan = _fit(size, work, budgets, device, b, micro, depth, kv_tier)
+            except PlanError as e:
+                errors.append(e)
+                continue
+            fitted = True
+            pred = predict(plan, size, rates, work, b, micro)
+            yield (pred.tok_s, -b, -plan.micro_batches, -depth), with_prediction(plan, pred)
+        if not fitted:
+            break  # more rows only need more memory
+
+
 def choose_plan(
     size: ModelSize,
     rates: Rates,
@@ -344,34 +367,26 @@ def choose_plan(
     device KV tier) for `batch` rows, or for the best batch up to work.max_batch when None, over
     the KV tiers of search_tiers. PlanError naming the numbers when not even one row fits."""
     best: tuple[tuple[float, ...], Plan] | None = None
-    first_error: PlanError | None = None
+    errors: list[PlanError] = []
     for kv_tier in search_tiers(budgets, kv_tiers):
-        tier_fitted = False
         for depths in _depths(kv_tier, budgets.max_prefetch):
-            if tier_fitted:
-                break
-            for depth in depths:
-                for b in [batch] if batch else batch_grid(work.max_batch):
-                    fitted = False
-                    for n in (m for m in MICRO_BATCHES if b % m == 0):  # equal micro-batches
-                        micro = b // n
-                        try:
-                            plan = _fit(size, work, budgets, device, b, micro, depth, kv_tier)
-                        except PlanError as e:
-                            first_error = first_error or e
-                            continue
-                        fitted = tier_fitted = True
-                        pred = predict(plan, size, rates, work, b, micro)
-                        key = (pred.tok_s, -b, -plan.micro_batches, -depth)
-                        if best is None or key > best[0]:  # strict: the first tier (gpu) wins
-                            best = (key, with_prediction(plan, pred))
-                    if not fitted:
-                        break  # more rows only need more memory
+            found = [
+                c
+                for depth in depths
+                for c in _candidates(
+                    size, rates, work, budgets, device, batch, kv_tier, depth, errors
+                )
+            ]
+            for key, plan in found:
+                if best is None or key > best[0]:  # strict: the first tier (gpu) wins ties
+                    best = (key, plan)
+            if found:
+                break  # a later round of depths only where none of these fitted
     if best is None:
-        assert first_error is not None
+        assert errors
         rows = batch or 1
         raise PlanError(
-            f"{first_error} (for {rows} row(s) of {work.prompt_len} prompt + {work.gen_len} new "
+            f"{errors[0]} (for {rows} row(s) of {work.prompt_len} prompt + {work.gen_len} new "
             f"tokens, KV cache {fmt_bytes(size.kv_token_bytes)} per token)"
         )
     return dataclasses.replace(best[1], h2d_bytes_per_s=rates.h2d_bytes_per_s)

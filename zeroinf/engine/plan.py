@@ -88,6 +88,12 @@ class Plan:
         """Bytes of units gathered on the host, held whole in host memory by every rank."""
         return sum(p.nbytes for p in self.placements if p.tier == "host")
 
+    def host_unit_bytes(self, per_rank: bool) -> int:
+        """Host memory for units: the CPU tier (one rank's share of it, or all of it) and the
+        units gathered on the host. A host KV cache (kv_host_bytes) comes on top."""
+        cpu = self.rank_streamed_bytes if per_rank else self.streamed_bytes
+        return (cpu if self.offload == "cpu" else 0) + self.host_tier_bytes
+
     @property
     def streamed_bytes(self) -> int:
         """Bytes that cross PCIe in every forward pass."""
