@@ -221,11 +221,10 @@ class Prefetcher:
         rows = host[table.offset : table.offset + table.nbytes].view(DTYPES[table.dtype])
         self.tables[j] = rows.view(table.shape)
         buf = torch.empty(dev_unit.nbytes, dtype=torch.uint8, device=self.device)
-        for old, new in zip((t for t in self.units[j].tensors if t.name != table.name),
-                            dev_unit.tensors, strict=True):  # fmt: skip
-            buf[new.offset : new.offset + new.nbytes].copy_(
-                host[old.offset : old.offset + old.nbytes]
-            )
+        stored = {t.name: t for t in self.units[j].tensors}  # where each is in the unit's bytes
+        for t in dev_unit.tensors:
+            src = stored[t.name]
+            buf[t.offset : t.offset + t.nbytes].copy_(host[src.offset : src.offset + src.nbytes])
         self.resident[j] = buf
         self.device_units[j] = dev_unit
 
@@ -238,8 +237,9 @@ class Prefetcher:
         table = self.tables[j]  # [V, E]
         flat = ids.reshape(-1).cpu()
         n, width = flat.numel(), table.shape[1]
-        stage = self._row_stage(n * width * table.element_size())
-        rows = stage[0][: n * width * table.element_size()].view(table.dtype).view(n, width)
+        nbytes = n * width * table.element_size()
+        stage = self._row_stage(nbytes)
+        rows = stage[0][:nbytes].view(table.dtype).view(n, width)
         torch.index_select(table, 0, flat, out=rows)
         if out is None:
             out = torch.empty(*ids.shape, width, dtype=table.dtype, device=self.device)
