@@ -114,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     from zeroinf.errors import ZeroInfError
 
     try:
-        print(run(args))
+        # one write with its newline: an interrupt arriving while the summary is printed (print
+        # writes the text and the newline separately) would glue the error line to it
+        sys.stdout.write(f"{run(args)}\n")
     except ZeroInfError as e:
         _fail(str(e))
     except KeyboardInterrupt:
