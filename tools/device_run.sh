@@ -2,7 +2,7 @@
 # One call on the GPU machine: build the native reader, check, and measure, stage by stage.
 #   bash tools/device_run.sh [STAGE ...]      (default: build models kernels io b32 b96 nvme)
 # Stages: build models kernels io gputest b32 b32t b96 b96m nvme ttft q30 q30e q30kv p30 p30kv
-#   p30c prof refill mgpu (see docs/benchmarks.md).
+#   p30c hattn profh prof refill mgpu (see docs/benchmarks.md).
 # Every stage's output goes to $OUT/all.log; JSON results to $OUT/*.json; a table comes last.
 set -u
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
@@ -66,6 +66,10 @@ print(write_shape('llama-2-7b', torch.float16, '$NVME'))"
     q30e) run q30e 400 env ZEROINF_CUDA_GRAPHS=0 python -m zeroinf.cli.bench --json "$OUT/q30e.json" \
       --model opt-30b --quantize int4 --quantize-head --offload cpu --gpu-memory 1.76GiB \
       --prefill-tokens 1024 --batch-size 32 --prompt-len 512 --gen-len 32 ;;
+    profh) run profh 400 env PYTHONPATH=. python tools/profile_bench.py --cpu --top 40 \
+      --trace "$OUT/profh-trace.json" -- --model opt-30b --offload cpu --gpu-memory 24GiB \
+      --batch-size auto --kv-tier cpu --prompt-len 512 --gen-len 8 ;;  # host KV tier, host side
+    hattn) run hattn 300 python tools/bench_host_attention.py --json "$OUT/hattn.json" ;;  # issue 7
     refill) run refill 570 python tools/bench_refill.py --json "$OUT/refill.json" ;;  # issue 9, ~6.5 min
     p30) bench p30 500 --model opt-30b --offload cpu --gpu-memory 24GiB --batch-size auto \
       --prompt-len 512 --gen-len 32 ;;

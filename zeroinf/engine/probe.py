@@ -29,7 +29,8 @@ log = logging.getLogger("zeroinf")
 
 ENV_CACHE_DIR = "ZEROINF_CACHE_DIR"
 CACHE_FILE = "probe.json"
-CACHE_FORMAT = "zeroinf-probe/2"  # /2: CPU attention is the host KV tier's own code, int8 too
+# /2: CPU attention is the host KV tier's own code, int8 too; /3: its native decode kernel
+CACHE_FORMAT = "zeroinf-probe/3"
 DISK_BYTES = 1 << 30  # read at most this much of a folder's largest files (about 1 s on NVMe)
 
 

@@ -5,9 +5,14 @@ this module when it first does: this module uses layers' sdpa).
 
 Per layer and step: q, k, v (and the step's mask) go to the host through pinned staging buffers
 with one host sync; k, v are written into the host cache (int8 caches quantized by the float32
-torch reference, kernels.kv_quant); attention runs with torch SDPA on the CPU, whose intra-op
-threads split it over rows and heads, in chunks of rows and kv heads so that temporaries (keys
-dequantized or expanded for GQA) stay under CHUNK_BYTES; the output [B, S, H * D] goes back to
+torch reference, kernels.kv_quant); a decode step over a 16-bit or float32 cache runs the
+native kernel (native/host_attn.c: one pass over the keys and values per (row, head), on all of
+torch's intra-op threads, bound by host memory bandwidth), anything else torch SDPA on the CPU in
+chunks of rows and kv heads so that temporaries (keys dequantized or expanded for GQA) stay under
+CHUNK_BYTES. torch's CPU SDPA converts 16-bit inputs far below memory speed (on the H100
+machine's 16 cores, 56 GB/s at OPT-30B's decode shape; see docs/benchmarks.md against the native
+kernel); without the native module (no compiler at install) a warning says so once and the
+slower path runs. The output [B, S, H * D] goes back to
 the compute device without a sync (stream-ordered, from a pinned buffer). The GPU waits for
 each layer's host attention; the prefetcher's copy stream keeps streaming weights meanwhile
 (engine/costmodel.py models exactly that). A prompt that sees no earlier cache entry is the
@@ -20,12 +25,32 @@ CPU-only machine the tokens equal the device tier's.
 
 from __future__ import annotations
 
+import importlib
+import logging
+from types import ModuleType
+
 import torch
+from torch.profiler import record_function
 
 from zeroinf.models.base import LayerKV
 from zeroinf.models.layers import sdpa, step_keys, write_kv
 
+log = logging.getLogger("zeroinf")
+
 CHUNK_BYTES = 64 << 20  # temporaries of one chunk of (rows x kv heads)
+NATIVE_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # native/host_attn.c
+
+
+def _load_native() -> ModuleType | None:
+    try:
+        return importlib.import_module("zeroinf._native_attn")
+    except ImportError as e:
+        log.warning("zeroinf: native host attention not built (%s): the host KV tier's decode "
+                    "attention runs through torch's CPU SDPA, several times slower", e)  # fmt: skip
+        return None
+
+
+native = _load_native()
 
 
 def attend_host(
@@ -56,10 +81,13 @@ def attend_host(
         write_kv(kv, *to_host(k, v), start)
         o = sdpa(q, k, v, mask[..., start:end], scale)  # [B, H, S, D]
         return o.transpose(1, 2).reshape(B, S, H * D)
-    hq, hk, hv, hmask = to_host(q, k, v, mask[..., :end])
-    write_kv(kv, hk, hv, start)
+    with record_function("host_attn.to_host"):  # spans for the profiler (tools/profile_bench)
+        hq, hk, hv, hmask = to_host(q, k, v, mask[..., :end])
+    with record_function("host_attn.write_kv"):
+        write_kv(kv, hk, hv, start)
     out = torch.empty(B, S, H * D, dtype=q.dtype, pin_memory=q.is_cuda)
-    attend_cached(hq, kv, end, hmask, scale, out, (hk, hv) if fresh_keys else None)
+    with record_function("host_attn.attend"):
+        attend_cached(hq, kv, end, hmask, scale, out, (hk, hv) if fresh_keys else None)
     return out.to(q.device, non_blocking=True) if q.is_cuda else out
 
 
@@ -94,6 +122,8 @@ def attend_cached(
     step's k, v [B, Hkv, S, D] in place of the cache's last S indices (fresh_keys above)."""
     B, H, S, D = q.shape
     Hkv = kv.k.shape[1]
+    if native is not None and native_decode(q, kv, end, mask, scale, out, fresh):
+        return
     n_rep = H // Hkv
     rows, heads = chunk_shape(B, Hkv, n_rep, S, end, D, q.element_size(), fresh is not None,
                               kv.quantized)  # fmt: skip
@@ -109,6 +139,39 @@ def attend_cached(
             keys, values = step_keys(part, end, q.dtype, own)  # [b, h, end, D] each
             o = sdpa(q[rs, qs], keys, values, mask[rs], scale)  # [b, h * n_rep, S, D]
             out[rs, :, qs.start * D : qs.stop * D] = o.transpose(1, 2).flatten(2)
+
+
+def native_decode(
+    q: torch.Tensor,
+    kv: LayerKV,
+    end: int,
+    mask: torch.Tensor,
+    scale: float,
+    out: torch.Tensor,
+    fresh: tuple[torch.Tensor, torch.Tensor] | None = None,
+    portable: bool = False,
+) -> bool:
+    """attend_cached through native/host_attn.c where it applies (one query token per row, a
+    16-bit or float32 cache read as written, every tensor with its last dim contiguous; q, out
+    and the cache of one dtype); False where it does not (nothing done). A row with no visible
+    position gets zeros (the step's own key is always visible in a decode step). portable: the
+    kernel's plain-C path even where the CPU has AVX2 (for tests)."""
+    B, H, S, D = q.shape
+    k, v = kv.k, kv.v
+    code = NATIVE_DTYPES.get(q.dtype)
+    if (S != 1 or fresh is not None or kv.quantized or code is None or native is None
+            or not all(x.dtype == q.dtype and x.stride(-1) == 1 for x in (k, v, out))
+            or q.stride(-1) != 1 or mask.dtype != torch.bool or mask.stride(-1) != 1
+            or end > k.shape[2]):  # fmt: skip
+        return False
+    native.decode(  # type: ignore[attr-defined]
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), mask.data_ptr(),
+        (B, H, k.shape[1], D, end),
+        (q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0),
+         v.stride(1), v.stride(2), out.stride(0), mask.stride(0)),
+        code, scale, torch.get_num_threads(), portable,
+    )  # fmt: skip
+    return True
 
 
 def chunk_shape(

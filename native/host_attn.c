@@ -1,0 +1,294 @@
+/* Decode attention over a KV cache in host memory (zeroinf's "cpu" KV tier).
+ *
+ * One query token per row: out[b, h*D:(h+1)*D] = softmax(scale * q[b,h] . K[b,hk,:end]) V[b,hk,:end]
+ * with hk = h / (H / Hkv) (GQA), masked positions skipped. A decode step reads every cached key
+ * and value once, so the kernel is bound by host memory bandwidth: each (row, head) pair is one
+ * task, threads (pthreads, created per call: ~0.1 ms against tens of ms of work) take tasks from
+ * an atomic counter, and a task streams its keys and values once (two passes: scores, then the
+ * weighted sum of values), converting 16-bit elements to float32 in registers (F16C/AVX2 where
+ * the CPU has them, chosen at run time; portable C otherwise). torch's CPU SDPA converts 16-bit
+ * inputs far more slowly than memory delivers them (models/host_attention.py has the figures).
+ *
+ * Arithmetic: float32 throughout (scores, softmax, sum of values), rounded once to the output
+ * dtype: the float32 reference's, as torch's SDPA computes 16-bit inputs.
+ *
+ * Python: decode(q, k, v, out, mask, dims, strides, dtype, scale, threads[, portable]),
+ * addresses as ints (torch's data_ptr()), the GIL released while it runs; portable=True takes
+ * the portable path on any CPU (tests check both paths).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define ZI_X86 1
+#endif
+
+enum { F32 = 0, F16 = 1, BF16 = 2 };
+
+typedef struct {
+    const char *q, *k, *v, *mask; /* mask: bool [B, end] with row stride mask_sb, or NULL */
+    char *out;
+    int64_t B, H, Hkv, D, end;
+    int64_t q_sb, q_sh;           /* element strides of q [B, H, D] */
+    int64_t k_sb, k_sh, k_st;     /* of k and v [B, Hkv, T, D] (D contiguous) */
+    int64_t v_sb, v_sh, v_st;
+    int64_t o_sb, mask_sb;        /* out [B, H * D]; mask [B, end] */
+    int dtype;
+    float scale;
+    int64_t next;                 /* the next task: atomic */
+    int simd;
+} Job;
+
+static inline float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, f;
+    if (exp == 0) {
+        if (man == 0) {
+            f = sign;
+        } else { /* subnormal: normalise */
+            exp = 127 - 15 + 1;
+            while (!(man & 0x400)) {
+                man <<= 1;
+                exp--;
+            }
+            f = sign | (exp << 23) | ((man & 0x3ff) << 13);
+        }
+    } else if (exp == 31) {
+        f = sign | 0x7f800000 | (man << 13);
+    } else {
+        f = sign | ((exp + 127 - 15) << 23) | (man << 13);
+    }
+    float r;
+    memcpy(&r, &f, 4);
+    return r;
+}
+
+static inline uint16_t float_to_half(float x) { /* round to nearest even */
+    uint32_t f;
+    memcpy(&f, &x, 4);
+    uint32_t sign = (f >> 16) & 0x8000, exp = (f >> 23) & 0xff, man = f & 0x7fffff;
+    if (exp == 0xff) return (uint16_t)(sign | 0x7c00 | (man ? 0x200 : 0));
+    int32_t e = (int32_t)exp - 127 + 15;
+    if (e >= 31) return (uint16_t)(sign | 0x7c00);
+    if (e <= 0) {
+        if (e < -10) return (uint16_t)sign;
+        man |= 0x800000;
+        uint32_t shift = (uint32_t)(14 - e), h = man >> shift, rem = man & ((1u << shift) - 1),
+                 half = 1u << (shift - 1);
+        if (rem > half || (rem == half && (h & 1))) h++;
+        return (uint16_t)(sign | h);
+    }
+    uint32_t h = ((uint32_t)e << 10) | (man >> 13), rem = man & 0x1fff;
+    if (rem > 0x1000 || (rem == 0x1000 && (h & 1))) h++; /* may carry into the exponent: right */
+    return (uint16_t)(sign | h);
+}
+
+static inline float bf16_to_float(uint16_t b) {
+    uint32_t f = (uint32_t)b << 16;
+    float r;
+    memcpy(&r, &f, 4);
+    return r;
+}
+
+static inline uint16_t float_to_bf16(float x) {
+    uint32_t f;
+    memcpy(&f, &x, 4);
+    if ((f & 0x7f800000) == 0x7f800000 && (f & 0x7fffff)) return (uint16_t)((f >> 16) | 0x40);
+    f += 0x7fff + ((f >> 16) & 1);
+    return (uint16_t)(f >> 16);
+}
+
+static inline float load(const char *p, int64_t i, int dtype) {
+    if (dtype == F32) return ((const float *)p)[i];
+    uint16_t x = ((const uint16_t *)p)[i];
+    return dtype == F16 ? half_to_float(x) : bf16_to_float(x);
+}
+
+static inline void store(char *p, int64_t i, float x, int dtype) {
+    if (dtype == F32)
+        ((float *)p)[i] = x;
+    else
+        ((uint16_t *)p)[i] = dtype == F16 ? float_to_half(x) : float_to_bf16(x);
+}
+
+/* Portable: score of one key, and acc += p * value, for D elements. */
+static float dot_scalar(const float *q, const char *k, int64_t D, int dtype) {
+    float s = 0.f;
+    for (int64_t d = 0; d < D; d++) s += q[d] * load(k, d, dtype);
+    return s;
+}
+
+static void axpy_scalar(float *acc, float p, const char *v, int64_t D, int dtype) {
+    for (int64_t d = 0; d < D; d++) acc[d] += p * load(v, d, dtype);
+}
+
+#ifdef ZI_X86
+__attribute__((target("avx2,fma,f16c"))) static inline __m256 load8(const char *p, int64_t i,
+                                                                     int dtype) {
+    if (dtype == F32) return _mm256_loadu_ps((const float *)p + i);
+    __m128i x = _mm_loadu_si128((const __m128i *)((const uint16_t *)p + i));
+    if (dtype == F16) return _mm256_cvtph_ps(x);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(x), 16));
+}
+
+__attribute__((target("avx2,fma,f16c"))) static float dot_avx2(const float *q, const char *k,
+                                                               int64_t D, int dtype) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    int64_t d = 0;
+    for (; d + 16 <= D; d += 16) {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load8(k, d, dtype), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d + 8), load8(k, d + 8, dtype), a1);
+    }
+    for (; d + 8 <= D; d += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load8(k, d, dtype), a0);
+    a0 = _mm256_add_ps(a0, a1);
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a0), _mm256_extractf128_ps(a0, 1));
+    s = _mm_hadd_ps(s, s);
+    s = _mm_hadd_ps(s, s);
+    float r = _mm_cvtss_f32(s);
+    for (; d < D; d++) r += q[d] * load(k, d, dtype);
+    return r;
+}
+
+__attribute__((target("avx2,fma,f16c"))) static void axpy_avx2(float *acc, float p, const char *v,
+                                                               int64_t D, int dtype) {
+    __m256 pp = _mm256_set1_ps(p);
+    int64_t d = 0;
+    for (; d + 8 <= D; d += 8)
+        _mm256_storeu_ps(acc + d, _mm256_fmadd_ps(pp, load8(v, d, dtype), _mm256_loadu_ps(acc + d)));
+    for (; d < D; d++) acc[d] += p * load(v, d, dtype);
+}
+#endif
+
+static inline float dot(const Job *j, const float *q, const char *k) {
+#ifdef ZI_X86
+    if (j->simd) return dot_avx2(q, k, j->D, j->dtype);
+#endif
+    return dot_scalar(q, k, j->D, j->dtype);
+}
+
+static inline void axpy(const Job *j, float *acc, float p, const char *v) {
+#ifdef ZI_X86
+    if (j->simd) {
+        axpy_avx2(acc, p, v, j->D, j->dtype);
+        return;
+    }
+#endif
+    axpy_scalar(acc, p, v, j->D, j->dtype);
+}
+
+/* One (row, head): scores [end] in `s`, the query scaled in `qf` [D], the sum in `acc` [D]. */
+static void task(const Job *j, int64_t b, int64_t h, float *s, float *qf, float *acc) {
+    int64_t size = j->dtype == F32 ? 4 : 2, hk = h / (j->H / j->Hkv);
+    const char *q = j->q + (b * j->q_sb + h * j->q_sh) * size;
+    const char *k = j->k + (b * j->k_sb + hk * j->k_sh) * size;
+    const char *v = j->v + (b * j->v_sb + hk * j->v_sh) * size;
+    const char *m = j->mask ? j->mask + b * j->mask_sb : NULL;
+    for (int64_t d = 0; d < j->D; d++) qf[d] = load(q, d, j->dtype) * j->scale;
+    float mx = -INFINITY;
+    for (int64_t t = 0; t < j->end; t++) {
+        s[t] = (m && !m[t]) ? -INFINITY : dot(j, qf, k + t * j->k_st * size);
+        if (s[t] > mx) mx = s[t];
+    }
+    memset(acc, 0, (size_t)j->D * sizeof(float));
+    float sum = 0.f;
+    if (mx != -INFINITY) { /* a row with no visible position: zeros, not NaN */
+        for (int64_t t = 0; t < j->end; t++) {
+            if (s[t] == -INFINITY) continue;
+            float p = expf(s[t] - mx);
+            sum += p;
+            axpy(j, acc, p, v + t * j->v_st * size);
+        }
+    }
+    char *o = j->out + (b * j->o_sb + h * j->D) * size;
+    float inv = sum > 0.f ? 1.f / sum : 0.f;
+    for (int64_t d = 0; d < j->D; d++) store(o, d, acc[d] * inv, j->dtype);
+}
+
+static void *worker(void *arg) {
+    Job *j = (Job *)arg;
+    float *buf = (float *)malloc(sizeof(float) * (size_t)(j->end + 2 * j->D));
+    if (!buf) return (void *)1;
+    int64_t n = j->B * j->H;
+    for (;;) {
+        int64_t i = __atomic_fetch_add(&j->next, 1, __ATOMIC_RELAXED);
+        if (i >= n) break;
+        task(j, i / j->H, i % j->H, buf, buf + j->end, buf + j->end + j->D);
+    }
+    free(buf);
+    return NULL;
+}
+
+static PyObject *decode(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long q, k, v, out, mask;
+    Job j;
+    int threads, portable = 0;
+    memset(&j, 0, sizeof j);
+    if (!PyArg_ParseTuple(args, "KKKKK(LLLLL)(LLLLLLLLLL)ifi|p", &q, &k, &v, &out, &mask, &j.B, &j.H,
+                          &j.Hkv, &j.D, &j.end, &j.q_sb, &j.q_sh, &j.k_sb, &j.k_sh, &j.k_st,
+                          &j.v_sb, &j.v_sh, &j.v_st, &j.o_sb, &j.mask_sb, &j.dtype, &j.scale,
+                          &threads, &portable))
+        return NULL;
+    if (j.dtype < F32 || j.dtype > BF16 || j.B < 0 || j.H <= 0 || j.Hkv <= 0 || j.H % j.Hkv ||
+        j.D <= 0 || j.end <= 0) {
+        PyErr_SetString(PyExc_ValueError, "host_attn.decode: bad dtype or dimensions");
+        return NULL;
+    }
+    j.q = (const char *)(uintptr_t)q;
+    j.k = (const char *)(uintptr_t)k;
+    j.v = (const char *)(uintptr_t)v;
+    j.out = (char *)(uintptr_t)out;
+    j.mask = (const char *)(uintptr_t)mask;
+#ifdef ZI_X86
+    __builtin_cpu_init();
+    j.simd = !portable && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+             __builtin_cpu_supports("f16c");
+#endif
+    if (threads < 1) threads = 1;
+    if (threads > j.B * j.H) threads = (int)(j.B * j.H > 0 ? j.B * j.H : 1);
+    pthread_t *ids = (pthread_t *)calloc((size_t)threads, sizeof(pthread_t));
+    if (!ids) return PyErr_NoMemory();
+    int failed = 0;
+    Py_BEGIN_ALLOW_THREADS
+    int started = 0;
+    for (; started < threads - 1; started++)
+        if (pthread_create(&ids[started], NULL, worker, &j)) break;
+    if (worker(&j)) failed = 1; /* this thread works too */
+    for (int i = 0; i < started; i++) {
+        void *r;
+        pthread_join(ids[i], &r);
+        if (r) failed = 1;
+    }
+    Py_END_ALLOW_THREADS
+    free(ids);
+    if (failed) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+static PyObject *simd(PyObject *self, PyObject *args) {
+    (void)self;
+    (void)args;
+#ifdef ZI_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+        __builtin_cpu_supports("f16c"))
+        return PyUnicode_FromString("avx2");
+#endif
+    return PyUnicode_FromString("portable");
+}
+
+static PyMethodDef methods[] = {
+    {"decode", decode, METH_VARARGS,
+     "decode(q, k, v, out, mask, (B, H, Hkv, D, end), (q_sb, q_sh, k_sb, k_sh, k_st, v_sb, v_sh, "
+     "v_st, o_sb, mask_sb), dtype, scale, threads[, portable]): one-token attention over a host KV cache"},
+    {"simd", simd, METH_NOARGS, "the vector path this CPU takes: 'avx2' or 'portable'"},
+    {NULL, NULL, 0, NULL}};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native_attn",
+                                    "Decode attention over a host KV cache", -1, methods};
+
+PyMODINIT_FUNC PyInit__native_attn(void) { return PyModule_Create(&module); }

@@ -1,0 +1,113 @@
+"""The host KV tier's native decode attention (native/host_attn.c) against a float64 torch
+reference: every dtype, GQA, masks, a cache longer than the attended prefix, strided views, both
+the AVX2 and the portable C path; and where host_attention takes it or leaves it."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import pytest
+import torch
+
+from zeroinf.models import host_attention as ha
+from zeroinf.models.base import LayerKV
+from zeroinf.models.layers import sdpa
+
+pytest.importorskip("zeroinf._native_attn")
+
+# Bounds of |native - float64 reference|: a few units of the output dtype's rounding.
+TOL = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def _case(B: int, H: int, Hkv: int, T: int, D: int, end: int, dtype: torch.dtype, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    k, v = (torch.randn(B, Hkv, T, D, generator=g).to(dtype) for _ in "kv")
+    q = torch.randn(B, H, 1, D, generator=g).to(dtype)
+    mask = torch.rand(B, 1, 1, end, generator=g) > 0.3
+    mask[..., end - 1] = True  # a decode step always sees its own key
+    return q, LayerKV(k, v, host=True), mask
+
+
+def _reference(q: torch.Tensor, kv: LayerKV, end: int, mask: torch.Tensor, scale: float):
+    B, H, _, D = q.shape
+    keys, values = (x[:, :, :end].double() for x in (kv.k, kv.v))
+    return sdpa(q.double(), keys, values, mask, scale).transpose(1, 2).reshape(B, 1, H * D)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("portable", [False, True])
+@pytest.mark.parametrize(
+    "B,H,Hkv,T,D,end",
+    [(3, 4, 4, 16, 16, 9), (2, 6, 2, 20, 64, 20), (5, 8, 8, 70, 128, 33), (2, 4, 1, 7, 24, 7),
+     (1, 2, 2, 3, 13, 1)],
+)  # fmt: skip
+def test_native_decode_matches_reference(
+    dtype: torch.dtype, portable: bool, B: int, H: int, Hkv: int, T: int, D: int, end: int
+) -> None:
+    q, kv, mask = _case(B, H, Hkv, T, D, end, dtype, seed=B * 100 + D)
+    out = torch.full((B, 1, H * D), float("nan"), dtype=dtype)
+    assert ha.native_decode(q, kv, end, mask, D**-0.5, out, portable=portable)
+    want = _reference(q, kv, end, mask, D**-0.5)
+    torch.testing.assert_close(out.double(), want, rtol=0, atol=TOL[dtype])
+
+
+def test_native_decode_views_and_unmasked_rows() -> None:
+    """q as the transposed view the model makes, the output a slice of a wider buffer, a mask
+    broadcast over rows (stride 0), and a row with nothing visible (zeros, by the contract)."""
+    B, H, T, D, end = 4, 4, 12, 32, 10
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(B, 1, H, D, generator=g).transpose(1, 2)  # [B, H, 1, D], not contiguous
+    kv = LayerKV(*(torch.randn(B, H, T, D, generator=g) for _ in "kv"), host=True)
+    wide = torch.zeros(B, 1, 2 * H * D)
+    out = wide[..., H * D :]
+    mask = (torch.arange(end) % 3 != 0).expand(B, 1, 1, end)
+    assert mask.stride(0) == 0
+    assert ha.native_decode(q, kv, end, mask, 0.3, out)
+    torch.testing.assert_close(out.double(), _reference(q, kv, end, mask, 0.3), rtol=0, atol=2e-6)
+    assert not wide[..., : H * D].any()  # nothing written outside the slice
+    none = torch.zeros(B, 1, 1, end, dtype=torch.bool)
+    assert ha.native_decode(q, kv, end, none, 0.3, out)
+    assert not out.any()
+
+
+def test_native_decode_declines_what_it_does_not_do() -> None:
+    q, kv, mask = _case(2, 4, 4, 8, 16, 8, torch.float32, seed=3)
+    out = torch.empty(2, 1, 64)
+    q2 = torch.randn(2, 4, 2, 16)  # two query tokens: a prefill chunk
+    assert not ha.native_decode(q2, kv, 8, torch.ones(2, 1, 2, 8, dtype=torch.bool), 1.0, out)
+    fresh = (kv.k[:, :, :1], kv.v[:, :, :1])
+    assert not ha.native_decode(q, kv, 8, mask, 1.0, out, fresh)
+    int8 = LayerKV(kv.k.to(torch.int8), kv.v.to(torch.int8), torch.ones(2, 4, 8),
+                   torch.ones(2, 4, 8), True)  # fmt: skip
+    assert not ha.native_decode(q, int8, 8, mask, 1.0, out)
+    assert not ha.native_decode(q.half(), kv, 8, mask, 1.0, out.half())  # cache dtype differs
+
+
+def test_attend_cached_takes_the_native_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A decode step over a 16-bit cache never reaches torch's SDPA; a prefill chunk does."""
+    calls: list[int] = []
+    monkeypatch.setattr(ha, "sdpa", lambda q, *a: calls.append(q.shape[2]) or sdpa(q, *a))
+    q, kv, mask = _case(2, 4, 4, 8, 16, 8, torch.float16, seed=4)
+    out = torch.empty(2, 1, 64, dtype=torch.float16)
+    ha.attend_cached(q, kv, 8, mask, 0.25, out)
+    assert calls == []
+    torch.testing.assert_close(out.double(), _reference(q, kv, 8, mask, 0.25), rtol=0, atol=2e-3)
+    q2 = torch.randn(2, 4, 3, 16).half()
+    ha.attend_cached(q2, kv, 8, torch.ones(2, 1, 3, 8, dtype=torch.bool), 0.25,
+                     torch.empty(2, 3, 64, dtype=torch.float16))  # fmt: skip
+    assert calls == [3]
+
+
+def test_missing_module_is_said_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setitem(sys.modules, "zeroinf._native_attn", None)  # import raises ImportError
+    with caplog.at_level(logging.WARNING, logger="zeroinf"):
+        assert ha._load_native() is None
+    assert "native host attention not built" in caplog.text
+    monkeypatch.setattr(ha, "native", None)  # as the module loads then: torch's SDPA serves
+    q, kv, mask = _case(2, 4, 4, 8, 16, 8, torch.float32, seed=5)
+    out = torch.empty(2, 1, 64)
+    ha.attend_cached(q, kv, 8, mask, 0.25, out)
+    torch.testing.assert_close(out.double(), _reference(q, kv, 8, mask, 0.25), rtol=0, atol=2e-6)

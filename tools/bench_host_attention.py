@@ -1,0 +1,203 @@
+"""Host memory and host attention on the GPU machine (the "cpu" KV tier's physical limits).
+
+Measures, at a decode shape (default OPT-30B at batch 96, 544 positions):
+  - host memory read bandwidth (a multi-threaded reduction over 4 GiB, torch's threads),
+  - the tier's attention (models.host_attention.attend_cached) per layer, and variants,
+  - pinned H2D alone, and H2D and host attention at once (both read host memory).
+Prints a table last; --json writes the figures.
+
+    python tools/bench_host_attention.py [--batch 96 --heads 56 --ctx 544 --head-dim 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from zeroinf.engine.kvcache import new_kv_cache  # noqa: E402
+from zeroinf.engine.probe import seconds  # noqa: E402
+from zeroinf.models import ModelConfig  # noqa: E402
+from zeroinf.models import host_attention as ha  # noqa: E402
+from zeroinf.models.host_attention import attend_cached, attend_host  # noqa: E402
+
+GB = 1e9
+
+
+def host_read_bytes_per_s(nbytes: int = 4 << 30) -> float:
+    x = torch.ones(nbytes // 4, dtype=torch.float32)
+    return nbytes / seconds(lambda: x.sum(), torch.device("cpu"), repeat=5)
+
+
+def host_copy_bytes_per_s(nbytes: int = 2 << 30) -> float:
+    """Bytes read + written per second by a multi-threaded copy."""
+    a = torch.ones(nbytes // 4, dtype=torch.float32)
+    b = torch.empty_like(a)
+    return 2 * nbytes / seconds(lambda: b.copy_(a), torch.device("cpu"), repeat=5)
+
+
+def cache(b: int, h: int, t: int, d: int, dtype: torch.dtype, kv_dtype: str | None = None):
+    cfg = ModelConfig(model_type="opt", num_layers=1, hidden_size=h * d, num_heads=h,
+                      num_kv_heads=h, head_dim=d, intermediate_size=1, vocab_size=1,
+                      max_positions=t, tie_embeddings=False, norm_eps=1e-5,
+                      act="relu")  # fmt: skip
+    kv = new_kv_cache(cfg, b, t, dtype, torch.device("cpu"), kv_dtype, host=True)[0]
+    for x in (kv.k, kv.v):
+        x.copy_(torch.randn(x.shape).to(x.dtype) if kv_dtype is None
+                else torch.randint_like(x, -127, 128))  # fmt: skip
+    for s in (kv.k_scale, kv.v_scale):
+        if s is not None:
+            s.fill_(0.01)
+    return kv
+
+
+def attention_s(b: int, h: int, t: int, d: int, dtype: torch.dtype, kv_dtype: str | None = None):
+    kv = cache(b, h, t, d, dtype, kv_dtype)
+    q = torch.randn(b, h, 1, d).to(dtype)
+    mask = torch.ones(b, 1, 1, t, dtype=torch.bool)
+    out = torch.empty(b, 1, h * d, dtype=dtype)
+    nbytes = sum(x.nbytes for x in (kv.k, kv.v, kv.k_scale, kv.v_scale) if x is not None)
+    s = seconds(lambda: attend_cached(q, kv, t, mask, d**-0.5, out), torch.device("cpu"), 5)
+    return s, nbytes, lambda: attend_cached(q, kv, t, mask, d**-0.5, out)
+
+
+def concurrent(run_attn, nbytes_h2d: int = 1 << 30, seconds_: float = 3.0) -> tuple[float, float]:
+    """(H2D bytes/s, attention calls/s) with both running at once for `seconds_`."""
+    host = torch.empty(nbytes_h2d, dtype=torch.uint8, pin_memory=True)
+    dev = torch.empty(nbytes_h2d, dtype=torch.uint8, device="cuda")
+    stream = torch.cuda.Stream()
+    stop = threading.Event()
+    copies = [0]
+
+    def copier() -> None:
+        with torch.cuda.stream(stream):
+            while not stop.is_set():
+                dev.copy_(host, non_blocking=True)
+                stream.synchronize()
+                copies[0] += 1
+
+    th = threading.Thread(target=copier)
+    th.start()
+    time.sleep(0.2)
+    c0, t0, n = copies[0], time.perf_counter(), 0
+    while time.perf_counter() - t0 < seconds_:
+        run_attn()
+        n += 1
+    dt = time.perf_counter() - t0
+    c1 = copies[0]
+    stop.set()
+    th.join()
+    return (c1 - c0) * nbytes_h2d / dt, n / dt
+
+
+def full_path_s(b: int, h: int, t: int, d: int) -> float:
+    """Seconds of one decode layer's whole host path (models.host_attention.attend_host): q, k,
+    v on the GPU to the host, the cache write, the attention, the output back, synced."""
+    kv = cache(b, h, t, d, torch.float16)
+    q, k, v = (torch.randn(b, h, 1, d, device="cuda", dtype=torch.float16) for _ in "qkv")
+    mask = torch.ones(b, 1, 1, t, dtype=torch.bool, device="cuda")
+
+    def run() -> None:
+        attend_host(q, k, v, kv, t - 1, mask, d**-0.5, False)
+        torch.cuda.synchronize()
+
+    return seconds(run, torch.device("cpu"), 5)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=96)
+    ap.add_argument("--heads", type=int, default=56)
+    ap.add_argument("--ctx", type=int, default=544)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--json", type=Path)
+    a = ap.parse_args()
+    flags = ""
+    try:
+        info = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        print(info)
+        wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16")
+        flags = " ".join(f for f in wanted if f in info)
+    except OSError:
+        pass
+    rows: list[tuple[str, float, str]] = []
+    res: dict[str, float] = {"threads": torch.get_num_threads(), "cpus": os.cpu_count() or 0}
+    print(f"torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}, flags: {flags}")
+    res["host_read"] = host_read_bytes_per_s()
+    rows.append(("host read (sum 4 GiB fp32)", res["host_read"] / GB, "GB/s"))
+    res["host_copy"] = host_copy_bytes_per_s()
+    rows.append(("host copy (read+write)", res["host_copy"] / GB, "GB/s"))
+    b, h, t, d = a.batch, a.heads, a.ctx, a.head_dim
+    native = ha.native
+    threads = torch.get_num_threads()
+    variants = [("fp16", torch.float16, None, native, threads),
+                ("fp16 torch", torch.float16, None, None, threads),
+                ("bf16", torch.bfloat16, None, native, threads),
+                ("fp32", torch.float32, None, native, threads),
+                ("fp32 torch", torch.float32, None, None, threads),
+                ("int8 torch (fp16 q)", torch.float16, "int8", None, threads)]  # fmt: skip
+    variants += [(f"fp16 {n} threads", torch.float16, None, native, n)
+                 for n in (1, 4, 8) if n < threads]  # fmt: skip
+    print(f"native module: {native is not None}")
+    run16 = None
+    for name, dtype, kvd, mod, n in variants:
+        ha.native = mod
+        torch.set_num_threads(n)
+        s, nbytes, run = attention_s(b, h, t, d, dtype, kvd)
+        torch.set_num_threads(threads)
+        res[f"attn_{name}_ms"] = s * 1e3
+        res[f"attn_{name}_gbps"] = nbytes / s / GB
+        rows.append((f"attention {name} b{b} h{h} t{t}: ms/layer", s * 1e3,
+                     f"{nbytes / s / GB:.1f} GB/s of {nbytes / GB:.2f} GB"))  # fmt: skip
+        if name == "fp16":
+            run16, bytes16 = run, nbytes
+        else:
+            del run
+    ha.native = native
+    if torch.cuda.is_available() and run16 is not None:
+        host = torch.empty(1 << 30, dtype=torch.uint8, pin_memory=True)
+        dev = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+        h2d = (1 << 30) / seconds(lambda: dev.copy_(host, non_blocking=True), dev.device)
+        del host, dev
+        res["h2d"] = h2d
+        rows.append(("H2D alone (1 GiB pinned)", h2d / GB, "GB/s"))
+        c_h2d, calls = concurrent(run16)
+        res["h2d_during_attn"] = c_h2d
+        res["attn_fp16_during_h2d_gbps"] = calls * bytes16 / GB
+        rows.append(("H2D during fp16 attention", c_h2d / GB, "GB/s"))
+        rows.append(("fp16 attention during H2D", calls * bytes16 / GB,
+                     f"GB/s ({1e3 / calls:.1f} ms/layer)"))  # fmt: skip
+        x = torch.ones((4 << 30) // 4, dtype=torch.float32)
+        c_h2d, sums = concurrent(lambda: x.sum())
+        del x
+        res["host_read_during_h2d"] = sums * (4 << 30)
+        res["host_total_concurrent"] = c_h2d + sums * (4 << 30)
+        rows.append(("H2D + host read (sum) at once: total", res["host_total_concurrent"] / GB,
+                     f"GB/s (H2D {c_h2d / GB:.1f})"))  # fmt: skip
+        full = full_path_s(b, h, t, d)
+        res["full_path_ms"] = full * 1e3
+        rows.append(
+            (
+                "attend_host whole path (GPU q/k/v), ms/layer",
+                full * 1e3,
+                f"({(full - res['attn_fp16_ms'] / 1e3) * 1e3:.2f} ms besides attention)",
+            )
+        )
+    print("\n| figure | value | unit |\n|---|---|---|")
+    for name, v, unit in rows:
+        print(f"| {name} | {v:.2f} | {unit} |")
+    if a.json:
+        a.json.write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
