@@ -2,8 +2,8 @@
  *
  * One query token per row: out[b, h*D:(h+1)*D] = softmax(scale * q[b,h] . K[b,hk,:end]) V[b,hk,:end]
  * with hk = h / (H / Hkv) (GQA), masked positions skipped. A decode step reads every cached key
- * and value once, so the kernel is bound by host memory bandwidth: each (row, head) pair is one
- * task, threads (pthreads, created per call: ~0.1 ms against tens of ms of work) take tasks from
+ * and value once, so the kernel is bound by host memory bandwidth: each (row, kv head) pair is
+ * one task, threads (pthreads, created per call: ~0.1 ms against tens of ms of work) take tasks from
  * an atomic counter, and a task streams its keys and values once (two passes: scores, then the
  * weighted sum of values), converting 16-bit elements to float32 in registers (F16C/AVX2 where
  * the CPU has them, chosen at run time; portable C otherwise). torch's CPU SDPA converts 16-bit
@@ -12,9 +12,11 @@
  * Arithmetic: float32 throughout (scores, softmax, sum of values), rounded once to the output
  * dtype: the float32 reference's, as torch's SDPA computes 16-bit inputs.
  *
- * Python: decode(q, k, v, out, mask, dims, strides, dtype, scale, threads[, portable]),
+ * Python: decode(q, k, v, out, mask, k_new, v_new, dims, strides, dtype, scale, threads[,
+ * portable, ahead]),
  * addresses as ints (torch's data_ptr()), the GIL released while it runs; portable=True takes
- * the portable path on any CPU (tests check both paths).
+ * the portable path on any CPU (tests check both paths); ahead: software prefetch distance in
+ * rows (default 8; 0 turns it off; tools/bench_host_attention.py compares).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -32,16 +34,19 @@ enum { F32 = 0, F16 = 1, BF16 = 2 };
 
 typedef struct {
     const char *q, *k, *v, *mask; /* mask: bool [B, end] with row stride mask_sb, or NULL */
+    const char *k_new, *v_new;    /* this step's [B, Hkv, D] for cache index end - 1, or NULL */
     char *out;
     int64_t B, H, Hkv, D, end;
     int64_t q_sb, q_sh;           /* element strides of q [B, H, D] */
     int64_t k_sb, k_sh, k_st;     /* of k and v [B, Hkv, T, D] (D contiguous) */
     int64_t v_sb, v_sh, v_st;
     int64_t o_sb, mask_sb;        /* out [B, H * D]; mask [B, end] */
+    int64_t kn_sb, kn_sh, vn_sb, vn_sh; /* of k_new and v_new */
     int dtype;
     float scale;
     int64_t next;                 /* the next task: atomic */
     int simd;
+    int64_t ahead;                /* software prefetch: rows ahead of the one in use (0: none) */
 } Job;
 
 static inline float half_to_float(uint16_t h) {
@@ -180,43 +185,79 @@ static inline void axpy(const Job *j, float *acc, float p, const char *v) {
     axpy_scalar(acc, p, v, j->D, j->dtype);
 }
 
-/* One (row, head): scores [end] in `s`, the query scaled in `qf` [D], the sum in `acc` [D]. */
-static void task(const Job *j, int64_t b, int64_t h, float *s, float *qf, float *acc) {
-    int64_t size = j->dtype == F32 ? 4 : 2, hk = h / (j->H / j->Hkv);
-    const char *q = j->q + (b * j->q_sb + h * j->q_sh) * size;
-    const char *k = j->k + (b * j->k_sb + hk * j->k_sh) * size;
-    const char *v = j->v + (b * j->v_sb + hk * j->v_sh) * size;
-    const char *m = j->mask ? j->mask + b * j->mask_sb : NULL;
-    for (int64_t d = 0; d < j->D; d++) qf[d] = load(q, d, j->dtype) * j->scale;
-    float mx = -INFINITY;
-    for (int64_t t = 0; t < j->end; t++) {
-        s[t] = (m && !m[t]) ? -INFINITY : dot(j, qf, k + t * j->k_st * size);
-        if (s[t] > mx) mx = s[t];
+/* Ask for the cache lines of row `t + ahead` of a [T, D] block with row stride `st` bytes: a
+ * task's block is a few hundred KB, crossing a page boundary every 4 KiB (16 rows of 128 fp16),
+ * where the hardware's stream prefetcher stops and starts again. */
+static inline void prefetch_row(const Job *j, const char *base, int64_t t, int64_t st,
+                                int64_t row) {
+#if defined(__GNUC__)
+    if (j->ahead && t + j->ahead < j->end)
+        for (int64_t b = 0; b < row; b += 64) __builtin_prefetch(base + (t + j->ahead) * st + b);
+#endif
+}
+
+/* One (row, kv head): first this step's key and value into the cache at index end - 1 (when
+ * given: the cache write and the attention in one pass, so that no torch CPU op runs just
+ * before the kernel; torch's OpenMP threads spin for milliseconds after each parallel op and
+ * would take the cores this kernel's threads need), then the attention of its n_rep query
+ * heads, which share each key and value read. Scratch: scores [n_rep, end], the scaled queries
+ * and the sums [n_rep, D] each. */
+static void task(const Job *j, int64_t b, int64_t hk, float *s, float *qf, float *acc) {
+    int64_t size = j->dtype == F32 ? 4 : 2, n_rep = j->H / j->Hkv, end = j->end, D = j->D;
+    char *kc = (char *)j->k + (b * j->k_sb + hk * j->k_sh) * size;
+    char *vc = (char *)j->v + (b * j->v_sb + hk * j->v_sh) * size;
+    if (j->k_new) {
+        memcpy(kc + (end - 1) * j->k_st * size, j->k_new + (b * j->kn_sb + hk * j->kn_sh) * size,
+               (size_t)(D * size));
+        memcpy(vc + (end - 1) * j->v_st * size, j->v_new + (b * j->vn_sb + hk * j->vn_sh) * size,
+               (size_t)(D * size));
     }
-    memset(acc, 0, (size_t)j->D * sizeof(float));
-    float sum = 0.f;
-    if (mx != -INFINITY) { /* a row with no visible position: zeros, not NaN */
-        for (int64_t t = 0; t < j->end; t++) {
-            if (s[t] == -INFINITY) continue;
-            float p = expf(s[t] - mx);
-            sum += p;
-            axpy(j, acc, p, v + t * j->v_st * size);
+    const char *m = j->mask ? j->mask + b * j->mask_sb : NULL;
+    for (int64_t r = 0; r < n_rep; r++) {
+        const char *q = j->q + (b * j->q_sb + (hk * n_rep + r) * j->q_sh) * size;
+        for (int64_t d = 0; d < D; d++) qf[r * D + d] = load(q, d, j->dtype) * j->scale;
+    }
+    int64_t row = D * size, visible = 0;
+    for (int64_t t = 0; t < end; t++) {
+        prefetch_row(j, kc, t, j->k_st * size, row);
+        int seen = !m || m[t];
+        visible += seen;
+        for (int64_t r = 0; r < n_rep; r++)
+            s[r * end + t] = seen ? dot(j, qf + r * D, kc + t * j->k_st * size) : -INFINITY;
+    }
+    memset(acc, 0, (size_t)(n_rep * D) * sizeof(float));
+    float mx[n_rep], sum[n_rep];
+    for (int64_t r = 0; r < n_rep; r++) {
+        mx[r] = -INFINITY;
+        sum[r] = 0.f;
+        for (int64_t t = 0; t < end; t++)
+            if (s[r * end + t] > mx[r]) mx[r] = s[r * end + t];
+    }
+    for (int64_t t = 0; visible && t < end; t++) { /* no visible position: zeros, not NaN */
+        prefetch_row(j, vc, t, j->v_st * size, row);
+        if (m && !m[t]) continue;
+        for (int64_t r = 0; r < n_rep; r++) {
+            float p = expf(s[r * end + t] - mx[r]);
+            sum[r] += p;
+            axpy(j, acc + r * D, p, vc + t * j->v_st * size);
         }
     }
-    char *o = j->out + (b * j->o_sb + h * j->D) * size;
-    float inv = sum > 0.f ? 1.f / sum : 0.f;
-    for (int64_t d = 0; d < j->D; d++) store(o, d, acc[d] * inv, j->dtype);
+    for (int64_t r = 0; r < n_rep; r++) {
+        char *o = j->out + (b * j->o_sb + (hk * n_rep + r) * D) * size;
+        float inv = sum[r] > 0.f ? 1.f / sum[r] : 0.f;
+        for (int64_t d = 0; d < D; d++) store(o, d, acc[r * D + d] * inv, j->dtype);
+    }
 }
 
 static void *worker(void *arg) {
     Job *j = (Job *)arg;
-    float *buf = (float *)malloc(sizeof(float) * (size_t)(j->end + 2 * j->D));
+    int64_t n_rep = j->H / j->Hkv, n = j->B * j->Hkv;
+    float *buf = (float *)malloc(sizeof(float) * (size_t)(n_rep * (j->end + 2 * j->D)));
     if (!buf) return (void *)1;
-    int64_t n = j->B * j->H;
     for (;;) {
         int64_t i = __atomic_fetch_add(&j->next, 1, __ATOMIC_RELAXED);
         if (i >= n) break;
-        task(j, i / j->H, i % j->H, buf, buf + j->end, buf + j->end + j->D);
+        task(j, i / j->Hkv, i % j->Hkv, buf, buf + n_rep * j->end, buf + n_rep * (j->end + j->D));
     }
     free(buf);
     return NULL;
@@ -224,18 +265,20 @@ static void *worker(void *arg) {
 
 static PyObject *decode(PyObject *self, PyObject *args) {
     (void)self;
-    unsigned long long q, k, v, out, mask;
+    unsigned long long q, k, v, out, mask, k_new, v_new;
     Job j;
     int threads, portable = 0;
     memset(&j, 0, sizeof j);
-    if (!PyArg_ParseTuple(args, "KKKKK(LLLLL)(LLLLLLLLLL)ifi|p", &q, &k, &v, &out, &mask, &j.B, &j.H,
-                          &j.Hkv, &j.D, &j.end, &j.q_sb, &j.q_sh, &j.k_sb, &j.k_sh, &j.k_st,
-                          &j.v_sb, &j.v_sh, &j.v_st, &j.o_sb, &j.mask_sb, &j.dtype, &j.scale,
-                          &threads, &portable))
+    j.ahead = 8;
+    if (!PyArg_ParseTuple(args, "KKKKKKK(LLLLL)(LLLLLLLLLLLLLL)ifi|pL", &q, &k, &v, &out, &mask,
+                          &k_new, &v_new, &j.B, &j.H, &j.Hkv, &j.D, &j.end, &j.q_sb, &j.q_sh,
+                          &j.k_sb, &j.k_sh, &j.k_st, &j.v_sb, &j.v_sh, &j.v_st, &j.o_sb,
+                          &j.mask_sb, &j.kn_sb, &j.kn_sh, &j.vn_sb, &j.vn_sh, &j.dtype, &j.scale,
+                          &threads, &portable, &j.ahead))
         return NULL;
     if (j.dtype < F32 || j.dtype > BF16 || j.B < 0 || j.H <= 0 || j.Hkv <= 0 || j.H % j.Hkv ||
-        j.D <= 0 || j.end <= 0) {
-        PyErr_SetString(PyExc_ValueError, "host_attn.decode: bad dtype or dimensions");
+        j.D <= 0 || j.end <= 0 || j.ahead < 0 || !k_new != !v_new) {
+        PyErr_SetString(PyExc_ValueError, "host_attn.decode: bad dtype, dimensions or new k/v");
         return NULL;
     }
     j.q = (const char *)(uintptr_t)q;
@@ -243,13 +286,15 @@ static PyObject *decode(PyObject *self, PyObject *args) {
     j.v = (const char *)(uintptr_t)v;
     j.out = (char *)(uintptr_t)out;
     j.mask = (const char *)(uintptr_t)mask;
+    j.k_new = (const char *)(uintptr_t)k_new;
+    j.v_new = (const char *)(uintptr_t)v_new;
 #ifdef ZI_X86
     __builtin_cpu_init();
     j.simd = !portable && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
              __builtin_cpu_supports("f16c");
 #endif
     if (threads < 1) threads = 1;
-    if (threads > j.B * j.H) threads = (int)(j.B * j.H > 0 ? j.B * j.H : 1);
+    if (threads > j.B * j.Hkv) threads = (int)(j.B * j.Hkv > 0 ? j.B * j.Hkv : 1);
     pthread_t *ids = (pthread_t *)calloc((size_t)threads, sizeof(pthread_t));
     if (!ids) return PyErr_NoMemory();
     int failed = 0;
@@ -283,8 +328,9 @@ static PyObject *simd(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"decode", decode, METH_VARARGS,
-     "decode(q, k, v, out, mask, (B, H, Hkv, D, end), (q_sb, q_sh, k_sb, k_sh, k_st, v_sb, v_sh, "
-     "v_st, o_sb, mask_sb), dtype, scale, threads[, portable]): one-token attention over a host KV cache"},
+     "decode(q, k, v, out, mask, k_new, v_new, (B, H, Hkv, D, end), (q_sb, q_sh, k_sb, k_sh, k_st, "
+     "v_sb, v_sh, v_st, o_sb, mask_sb, kn_sb, kn_sh, vn_sb, vn_sh), dtype, scale, threads[, "
+     "portable, ahead]): write this step's k, v (0: none) at end - 1, then one-token attention over a host KV cache"},
     {"simd", simd, METH_NOARGS, "the vector path this CPU takes: 'avx2' or 'portable'"},
     {NULL, NULL, 0, NULL}};
 

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -28,6 +29,7 @@ from zeroinf.engine.kvcache import new_kv_cache  # noqa: E402
 from zeroinf.engine.probe import seconds  # noqa: E402
 from zeroinf.models import ModelConfig  # noqa: E402
 from zeroinf.models import host_attention as ha  # noqa: E402
+from zeroinf.models.base import LayerKV  # noqa: E402
 from zeroinf.models.host_attention import attend_cached, attend_host  # noqa: E402
 
 GB = 1e9
@@ -45,12 +47,19 @@ def host_copy_bytes_per_s(nbytes: int = 2 << 30) -> float:
     return 2 * nbytes / seconds(lambda: b.copy_(a), torch.device("cpu"), repeat=5)
 
 
-def cache(b: int, h: int, t: int, d: int, dtype: torch.dtype, kv_dtype: str | None = None):
+def cache(
+    b: int, h: int, t: int, d: int, dtype: torch.dtype, kv_dtype: str | None = None,
+    small_pages: bool = False,
+) -> LayerKV:  # fmt: skip
+    """A host cache of random entries (new_kv_cache's huge-page mapping, or torch.zeros' memory:
+    4 KiB pages where transparent huge pages are madvise-only)."""
     cfg = ModelConfig(model_type="opt", num_layers=1, hidden_size=h * d, num_heads=h,
                       num_kv_heads=h, head_dim=d, intermediate_size=1, vocab_size=1,
                       max_positions=t, tie_embeddings=False, norm_eps=1e-5,
                       act="relu")  # fmt: skip
     kv = new_kv_cache(cfg, b, t, dtype, torch.device("cpu"), kv_dtype, host=True)[0]
+    if small_pages:
+        kv = LayerKV(torch.zeros_like(kv.k), torch.zeros_like(kv.v), kv.k_scale, kv.v_scale, True)
     for x in (kv.k, kv.v):
         x.copy_(torch.randn(x.shape).to(x.dtype) if kv_dtype is None
                 else torch.randint_like(x, -127, 128))  # fmt: skip
@@ -60,14 +69,26 @@ def cache(b: int, h: int, t: int, d: int, dtype: torch.dtype, kv_dtype: str | No
     return kv
 
 
-def attention_s(b: int, h: int, t: int, d: int, dtype: torch.dtype, kv_dtype: str | None = None):
-    kv = cache(b, h, t, d, dtype, kv_dtype)
+def attention_s(
+    b: int, h: int, t: int, d: int, dtype: torch.dtype, kv_dtype: str | None = None,
+    small_pages: bool = False, ahead: int | None = None,
+) -> tuple[float, int, Callable[[], None]]:  # fmt: skip
+    """(seconds per call, cache bytes, the call) of one decode layer's host attention:
+    attend_cached as the tier runs it, or with `ahead` the native kernel at that prefetch
+    distance."""
+    kv = cache(b, h, t, d, dtype, kv_dtype, small_pages)
     q = torch.randn(b, h, 1, d).to(dtype)
     mask = torch.ones(b, 1, 1, t, dtype=torch.bool)
     out = torch.empty(b, 1, h * d, dtype=dtype)
     nbytes = sum(x.nbytes for x in (kv.k, kv.v, kv.k_scale, kv.v_scale) if x is not None)
-    s = seconds(lambda: attend_cached(q, kv, t, mask, d**-0.5, out), torch.device("cpu"), 5)
-    return s, nbytes, lambda: attend_cached(q, kv, t, mask, d**-0.5, out)
+
+    def run() -> None:
+        if ahead is None:
+            attend_cached(q, kv, t, mask, d**-0.5, out)
+        else:
+            assert ha.native_decode(q, kv, t, mask, d**-0.5, out, ahead=ahead)
+
+    return seconds(run, torch.device("cpu"), 5), nbytes, run
 
 
 def concurrent(run_attn, nbytes_h2d: int = 1 << 30, seconds_: float = 3.0) -> tuple[float, float]:
@@ -139,20 +160,31 @@ def main() -> None:
     b, h, t, d = a.batch, a.heads, a.ctx, a.head_dim
     native = ha.native
     threads = torch.get_num_threads()
-    variants = [("fp16", torch.float16, None, native, threads),
-                ("fp16 torch", torch.float16, None, None, threads),
-                ("bf16", torch.bfloat16, None, native, threads),
-                ("fp32", torch.float32, None, native, threads),
-                ("fp32 torch", torch.float32, None, None, threads),
-                ("int8 torch (fp16 q)", torch.float16, "int8", None, threads)]  # fmt: skip
-    variants += [(f"fp16 {n} threads", torch.float16, None, native, n)
+    f16 = torch.float16
+    # (name, dtype, kv dtype, native module or None, threads, 4 KiB pages, prefetch distance)
+    variants = [("fp16", f16, None, native, threads, False, None),
+                ("fp16 torch", f16, None, None, threads, False, None),
+                ("fp16 4 KiB pages", f16, None, native, threads, True, None),
+                ("fp16 no prefetch", f16, None, native, threads, False, 0),
+                ("fp16 prefetch 4", f16, None, native, threads, False, 4),
+                ("fp16 prefetch 8", f16, None, native, threads, False, 8),
+                ("fp16 prefetch 12", f16, None, native, threads, False, 12),
+                ("fp16 prefetch 16", f16, None, native, threads, False, 16),
+                ("fp16 4 KiB pages, no prefetch", f16, None, native, threads, True, 0),
+                ("bf16", torch.bfloat16, None, native, threads, False, None),
+                ("fp32", torch.float32, None, native, threads, False, None),
+                ("fp32 torch", torch.float32, None, None, threads, False, None),
+                ("int8 torch (fp16 q)", f16, "int8", None, threads, False, None)]  # fmt: skip
+    variants += [(f"fp16 {n} threads", f16, None, native, n, False, None)
                  for n in (1, 4, 8) if n < threads]  # fmt: skip
+    if native is None:
+        variants = [v for v in variants if v[3] is None]
     print(f"native module: {native is not None}")
     run16 = None
-    for name, dtype, kvd, mod, n in variants:
+    for name, dtype, kvd, mod, n, small, ahead in variants:
         ha.native = mod
         torch.set_num_threads(n)
-        s, nbytes, run = attention_s(b, h, t, d, dtype, kvd)
+        s, nbytes, run = attention_s(b, h, t, d, dtype, kvd, small, ahead)
         torch.set_num_threads(threads)
         res[f"attn_{name}_ms"] = s * 1e3
         res[f"attn_{name}_gbps"] = nbytes / s / GB

@@ -52,6 +52,26 @@ def test_native_decode_matches_reference(
     torch.testing.assert_close(out.double(), want, rtol=0, atol=TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2)])
+def test_native_decode_writes_the_step_first(dtype: torch.dtype, heads: int, kv_heads: int) -> None:
+    """With `new`, this step's k, v land at index end - 1 (nothing else changes) and the
+    attention sees them, as write_kv then attend_cached would."""
+    B, T, D, end = 3, 12, 32, 7
+    q, kv, mask = _case(B, heads, kv_heads, T, D, end, dtype, seed=7)
+    before = (kv.k.clone(), kv.v.clone())
+    g = torch.Generator().manual_seed(8)
+    new = tuple(torch.randn(B, kv_heads, 1, D, generator=g).to(dtype) for _ in "kv")
+    out = torch.empty(B, 1, heads * D, dtype=dtype)
+    assert ha.native_decode(q, kv, end, mask, D**-0.5, out, new=new)
+    for cache, old, x in zip((kv.k, kv.v), before, new, strict=True):
+        assert torch.equal(cache[:, :, end - 1 : end], x)
+        old[:, :, end - 1 : end] = x
+        assert torch.equal(cache, old)
+    want = _reference(q, kv, end, mask, D**-0.5)
+    torch.testing.assert_close(out.double(), want, rtol=0, atol=TOL[dtype])
+
+
 def test_native_decode_views_and_unmasked_rows() -> None:
     """q as the transposed view the model makes, the output a slice of a wider buffer, a mask
     broadcast over rows (stride 0), and a row with nothing visible (zeros, by the contract)."""
@@ -82,6 +102,8 @@ def test_native_decode_declines_what_it_does_not_do() -> None:
                    torch.ones(2, 4, 8), True)  # fmt: skip
     assert not ha.native_decode(q, int8, 8, mask, 1.0, out)
     assert not ha.native_decode(q.half(), kv, 8, mask, 1.0, out.half())  # cache dtype differs
+    wrong = (torch.zeros(2, 4, 2, 16), torch.zeros(2, 4, 2, 16))  # two tokens to write
+    assert not ha.native_decode(q, kv, 8, mask, 1.0, out, new=wrong)
 
 
 def test_attend_cached_takes_the_native_path(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -9,9 +9,12 @@ planner's.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from zeroinf.errors import ConfigError
+from zeroinf.io import aligned_empty
 from zeroinf.models.base import LayerKV
 from zeroinf.models.config import ModelConfig
 
@@ -66,12 +69,16 @@ def new_kv_cache(
     is, and attention over it runs on the CPU (models/host_attention.py). It is ordinary
     (pageable) memory: only the step's q, k, v and output cross PCIe, through small pinned
     staging buffers, so pinning the cache would cost ~0.6 s per GiB at allocation for no
-    transfer it speeds up."""
-    where = torch.device("cpu") if host else device
+    transfer it speeds up. It is mapped with transparent huge pages where the kernel allows
+    (io.aligned_empty), which the host attention reads faster, and zeroed here, on all of
+    torch's threads: the pages are faulted in now, not by the prefill's cache writes."""
     shape = (batch, cfg.num_kv_heads, tokens, cfg.head_dim)
 
     def zeros(size: tuple[int, ...], dt: torch.dtype) -> torch.Tensor:
-        return torch.zeros(size, dtype=dt, device=where)
+        if not host:
+            return torch.zeros(size, dtype=dt, device=device)
+        n = math.prod(size) * dt.itemsize
+        return aligned_empty(n).view(dt).view(size).zero_()
 
     if check_kv_dtype(kv_dtype) == "int8":
         return [

@@ -83,11 +83,13 @@ def attend_host(
         return o.transpose(1, 2).reshape(B, S, H * D)
     with record_function("host_attn.to_host"):  # spans for the profiler (tools/profile_bench)
         hq, hk, hv, hmask = to_host(q, k, v, mask[..., :end])
-    with record_function("host_attn.write_kv"):
-        write_kv(kv, hk, hv, start)
     out = torch.empty(B, S, H * D, dtype=q.dtype, pin_memory=q.is_cuda)
+    fresh = (hk, hv) if fresh_keys else None
     with record_function("host_attn.attend"):
-        attend_cached(hq, kv, end, hmask, scale, out, (hk, hv) if fresh_keys else None)
+        # The native kernel writes k, v itself (no torch CPU op just before it: see its file).
+        if not native_decode(hq, kv, end, hmask, scale, out, fresh, new=(hk, hv)):
+            write_kv(kv, hk, hv, start)
+            attend_cached(hq, kv, end, hmask, scale, out, fresh)
     return out.to(q.device, non_blocking=True) if q.is_cuda else out
 
 
@@ -149,27 +151,37 @@ def native_decode(
     scale: float,
     out: torch.Tensor,
     fresh: tuple[torch.Tensor, torch.Tensor] | None = None,
+    new: tuple[torch.Tensor, torch.Tensor] | None = None,
     portable: bool = False,
+    ahead: int | None = None,
 ) -> bool:
     """attend_cached through native/host_attn.c where it applies (one query token per row, a
-    16-bit or float32 cache read as written, every tensor with its last dim contiguous; q, out
-    and the cache of one dtype); False where it does not (nothing done). A row with no visible
-    position gets zeros (the step's own key is always visible in a decode step). portable: the
-    kernel's plain-C path even where the CPU has AVX2 (for tests)."""
+    16-bit or float32 cache read as written, every tensor with its last dim contiguous; q, out,
+    new and the cache of one dtype); False where it does not (nothing done, nothing written).
+    new: this step's k, v [B, Hkv, 1, D], written at cache index end - 1 before the attention,
+    in the same pass. A row with no visible position gets zeros (the step's own key is always
+    visible in a decode step). portable: the kernel's plain-C path even where the CPU has AVX2
+    (for tests); ahead: its software prefetch distance in rows (None: the kernel's default)."""
     B, H, S, D = q.shape
     k, v = kv.k, kv.v
+    Hkv = k.shape[1]
     code = NATIVE_DTYPES.get(q.dtype)
+    tensors = (k, v, out) + (new or ())
     if (S != 1 or fresh is not None or kv.quantized or code is None or native is None
-            or not all(x.dtype == q.dtype and x.stride(-1) == 1 for x in (k, v, out))
+            or not all(x.dtype == q.dtype and x.stride(-1) == 1 for x in tensors)
             or q.stride(-1) != 1 or mask.dtype != torch.bool or mask.stride(-1) != 1
-            or end > k.shape[2]):  # fmt: skip
+            or end > k.shape[2]
+            or (new is not None and any(x.shape != (B, Hkv, 1, D) for x in new))):  # fmt: skip
         return False
+    kn, vn = new or (k, v)  # (k, v): placeholders for the strides when nothing is written
     native.decode(  # type: ignore[attr-defined]
         q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), mask.data_ptr(),
-        (B, H, k.shape[1], D, end),
+        kn.data_ptr() if new else 0, vn.data_ptr() if new else 0,
+        (B, H, Hkv, D, end),
         (q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0),
-         v.stride(1), v.stride(2), out.stride(0), mask.stride(0)),
-        code, scale, torch.get_num_threads(), portable,
+         v.stride(1), v.stride(2), out.stride(0), mask.stride(0), kn.stride(0), kn.stride(1),
+         vn.stride(0), vn.stride(1)),
+        code, scale, torch.get_num_threads(), portable, *(() if ahead is None else (ahead,)),
     )  # fmt: skip
     return True
 
