@@ -16,8 +16,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from zeroinf.engine.kvcache import new_kv_cache  # noqa: E402
-from zeroinf.engine.probe import seconds  # noqa: E402
+from zeroinf.engine.probe import concurrent_with_h2d, measure_host_memory, seconds  # noqa: E402
 from zeroinf.models import ModelConfig  # noqa: E402
 from zeroinf.models import host_attention as ha  # noqa: E402
 from zeroinf.models.base import LayerKV  # noqa: E402
@@ -91,47 +89,36 @@ def attention_s(
     return seconds(run, torch.device("cpu"), 5), nbytes, run
 
 
-def concurrent(run_attn, nbytes_h2d: int = 1 << 30, seconds_: float = 3.0) -> tuple[float, float]:
-    """(H2D bytes/s, attention calls/s) with both running at once for `seconds_`."""
-    host = torch.empty(nbytes_h2d, dtype=torch.uint8, pin_memory=True)
-    dev = torch.empty(nbytes_h2d, dtype=torch.uint8, device="cuda")
-    stream = torch.cuda.Stream()
-    stop = threading.Event()
-    copies = [0]
-
-    def copier() -> None:
-        with torch.cuda.stream(stream):
-            while not stop.is_set():
-                dev.copy_(host, non_blocking=True)
-                stream.synchronize()
-                copies[0] += 1
-
-    th = threading.Thread(target=copier)
-    th.start()
-    time.sleep(0.2)
-    c0, t0, n = copies[0], time.perf_counter(), 0
-    while time.perf_counter() - t0 < seconds_:
-        run_attn()
-        n += 1
-    dt = time.perf_counter() - t0
-    c1 = copies[0]
-    stop.set()
-    th.join()
-    return (c1 - c0) * nbytes_h2d / dt, n / dt
-
-
-def full_path_s(b: int, h: int, t: int, d: int) -> float:
+def full_path_s(b: int, h: int, t: int, d: int) -> dict[str, float]:
     """Seconds of one decode layer's whole host path (models.host_attention.attend_host): q, k,
-    v on the GPU to the host, the cache write, the attention, the output back, synced."""
+    v on the GPU to the host, the cache write and the attention, the output back, synced; and
+    of its parts alone."""
     kv = cache(b, h, t, d, torch.float16)
     q, k, v = (torch.randn(b, h, 1, d, device="cuda", dtype=torch.float16) for _ in "qkv")
     mask = torch.ones(b, 1, 1, t, dtype=torch.bool, device="cuda")
+    cpu = torch.device("cpu")
+    hq, hk, hv, hmask = ha.to_host(q, k, v, mask)
+    out = torch.empty(b, 1, h * d, dtype=torch.float16, pin_memory=True)
 
-    def run() -> None:
+    def whole() -> None:
         attend_host(q, k, v, kv, t - 1, mask, d**-0.5, False)
         torch.cuda.synchronize()
 
-    return seconds(run, torch.device("cpu"), 5)
+    def back() -> None:
+        out.to("cuda", non_blocking=True)
+        torch.cuda.synchronize()
+
+    return {
+        "whole": seconds(whole, cpu, 5),
+        "to_host": seconds(lambda: ha.to_host(q, k, v, mask), cpu, 5),
+        "kernel": seconds(
+            lambda: ha.native_decode(hq, kv, t, hmask, d**-0.5, out, new=(hk, hv)), cpu, 5
+        ),  # fmt: skip
+        "pinned_empty": seconds(
+            lambda: torch.empty(b, 1, h * d, dtype=torch.float16, pin_memory=True), cpu, 5
+        ),  # fmt: skip
+        "back": seconds(back, cpu, 5),
+    }
 
 
 def main() -> None:
@@ -141,6 +128,7 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=544)
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--quick", action="store_true", help="the tier's own fp16 path only")
     a = ap.parse_args()
     flags = ""
     try:
@@ -179,6 +167,8 @@ def main() -> None:
                  for n in (1, 4, 8) if n < threads]  # fmt: skip
     if native is None:
         variants = [v for v in variants if v[3] is None]
+    if a.quick:
+        variants = variants[:1]
     print(f"native module: {native is not None}")
     run16 = None
     for name, dtype, kvd, mod, n, small, ahead in variants:
@@ -202,28 +192,20 @@ def main() -> None:
         del host, dev
         res["h2d"] = h2d
         rows.append(("H2D alone (1 GiB pinned)", h2d / GB, "GB/s"))
-        c_h2d, calls = concurrent(run16)
+        cuda = torch.device("cuda")
+        c_h2d, calls = concurrent_with_h2d(run16, cuda, 3.0)
         res["h2d_during_attn"] = c_h2d
         res["attn_fp16_during_h2d_gbps"] = calls * bytes16 / GB
         rows.append(("H2D during fp16 attention", c_h2d / GB, "GB/s"))
         rows.append(("fp16 attention during H2D", calls * bytes16 / GB,
                      f"GB/s ({1e3 / calls:.1f} ms/layer)"))  # fmt: skip
-        x = torch.ones((4 << 30) // 4, dtype=torch.float32)
-        c_h2d, sums = concurrent(lambda: x.sum())
-        del x
-        res["host_read_during_h2d"] = sums * (4 << 30)
-        res["host_total_concurrent"] = c_h2d + sums * (4 << 30)
-        rows.append(("H2D + host read (sum) at once: total", res["host_total_concurrent"] / GB,
-                     f"GB/s (H2D {c_h2d / GB:.1f})"))  # fmt: skip
-        full = full_path_s(b, h, t, d)
-        res["full_path_ms"] = full * 1e3
-        rows.append(
-            (
-                "attend_host whole path (GPU q/k/v), ms/layer",
-                full * 1e3,
-                f"({(full - res['attn_fp16_ms'] / 1e3) * 1e3:.2f} ms besides attention)",
-            )
-        )
+        res["host_memory"] = measure_host_memory(cuda, 4 << 30, 3.0)
+        rows.append(("host memory: H2D + host read (sum) at once", res["host_memory"] / GB,
+                     "GB/s (the probe's host_memory_bytes_per_s)"))  # fmt: skip
+        parts = full_path_s(b, h, t, d)
+        res.update({f"path_{k}_ms": x * 1e3 for k, x in parts.items()})
+        for k, x in parts.items():
+            rows.append((f"attend_host path: {k}, ms/layer", x * 1e3, "ms"))
     print("\n| figure | value | unit |\n|---|---|---|")
     for name, v, unit in rows:
         print(f"| {name} | {v:.2f} | {unit} |")

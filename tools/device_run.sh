@@ -70,6 +70,7 @@ print(write_shape('llama-2-7b', torch.float16, '$NVME'))"
       --trace "$OUT/profh-trace.json" -- --model opt-30b --offload cpu --gpu-memory 24GiB \
       --batch-size auto --kv-tier cpu --prompt-len 512 --gen-len 8 ;;  # host KV tier, host side
     hattn) run hattn 300 python tools/bench_host_attention.py --json "$OUT/hattn.json" ;;  # issue 7
+    hattnq) run hattnq 200 python tools/bench_host_attention.py --quick --json "$OUT/hattnq.json" ;;
     refill) run refill 570 python tools/bench_refill.py --json "$OUT/refill.json" ;;  # issue 9, ~6.5 min
     p30) bench p30 500 --model opt-30b --offload cpu --gpu-memory 24GiB --batch-size auto \
       --prompt-len 512 --gen-len 32 ;;

@@ -260,6 +260,23 @@ def test_host_decode_costs_cpu_attention() -> None:
     assert predict(plan, size, slow, work, 8) == predict(plan, size, FAST_CPU, work, 8)
 
 
+def test_host_decode_shares_host_memory_with_the_stream() -> None:
+    """With the host memory rate known, a host-tier pass takes at least (cache bytes read and
+    written + streamed bytes) / that rate; the device tier ignores it."""
+    size, work = _size(), Workload(64, 3)
+    plan = make_plan(list(size.units), size.weight_bytes // 2, "cpu", 2, "cuda:0")
+    host = dataclasses.replace(plan, kv_tier="cpu")
+    narrow = dataclasses.replace(FAST_CPU, host_memory_bytes_per_s=1e6)
+    got = predict(host, size, narrow, work, 8)
+    positions = [64] + [c + 1 for c in (65, 66)]  # the prompt written; each step reads, writes
+    want = [(size.kv_token_bytes * 8 * n + plan.rank_streamed_bytes) / 1e6 for n in positions]
+    assert got.prefill_s == pytest.approx(want[0] + costmodel.PASS_OVERHEAD_S)
+    assert got.decode_s == pytest.approx(sum(want[1:]) + 2 * costmodel.PASS_OVERHEAD_S)
+    wide = dataclasses.replace(FAST_CPU, host_memory_bytes_per_s=1e18)
+    assert predict(host, size, wide, work, 8) == predict(host, size, FAST_CPU, work, 8)
+    assert predict(plan, size, narrow, work, 8) == predict(plan, size, FAST_CPU, work, 8)
+
+
 @st.composite
 def _models(draw: st.DrawFn) -> ModelSize:
     kv_heads = draw(st.sampled_from([1, 2, 4]))

@@ -133,3 +133,35 @@ def test_missing_module_is_said_once(
     out = torch.empty(2, 1, 64)
     ha.attend_cached(q, kv, 8, mask, 0.25, out)
     torch.testing.assert_close(out.double(), _reference(q, kv, 8, mask, 0.25), rtol=0, atol=2e-6)
+
+
+def test_host_writer_writes_in_order_and_reports_errors() -> None:
+    """Prompt keys land in the cache by flush(), later writes over earlier ones; a write that
+    fails surfaces at the next flush as one error, and the writer serves again after it."""
+    w = ha.HostWriter(depth=2)
+    kv = LayerKV(torch.zeros(2, 3, 8, 4), torch.zeros(2, 3, 8, 4), host=True)
+    for i in range(6):  # more than `depth`: submit waits for room
+        k = torch.full((2, 3, 2, 4), float(i))
+        w.submit(kv, k, -k, start=i)
+    w.flush()
+    want = torch.tensor([0.0, 1, 2, 3, 4, 5, 5, 0])  # index i+1 written by i, then by i+1
+    assert torch.equal(kv.k[0, 0, :, 0], want) and torch.equal(kv.v[1, 2, :, 3], -want)
+    k = torch.ones(2, 3, 2, 4)
+    w.submit(kv, k, k, start=7)  # two positions at index 7 of 8: the write fails
+    with pytest.raises(RuntimeError, match="host KV cache write failed"):
+        w.flush()
+    w.flush()  # reported once
+    w.submit(kv, k, k, start=0)
+    w.flush()
+    assert torch.equal(kv.k[:, :, :2], k)
+
+
+def test_host_writer_keeps_its_own_copy() -> None:
+    """A CPU caller's tensors may change after submit: what was submitted is written."""
+    w = ha.HostWriter()
+    kv = LayerKV(torch.zeros(1, 1, 4, 2), torch.zeros(1, 1, 4, 2), host=True)
+    k = torch.ones(1, 1, 1, 2)
+    w.submit(kv, k, k, start=0)
+    k.fill_(7)
+    w.flush()
+    assert torch.equal(kv.k[0, 0, 0], torch.ones(2))

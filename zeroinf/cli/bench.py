@@ -272,7 +272,8 @@ def measure(
         mach["h2d_bytes_per_s"] = max(mach["h2d_bytes_per_s"], mach["h2d_bytes_per_s_after"])
     h2d = mach["h2d_bytes_per_s"]
     stream_bw = min(disk, h2d) if disk is not None and a.offload == "nvme" else h2d
-    machine = Machine(stream_bw, mach["flops"], mach["hbm_bytes_per_s"])
+    machine = Machine(stream_bw, mach["flops"], mach["hbm_bytes_per_s"],
+                      mach["host_memory_bytes_per_s"], mach["d2h_bytes_per_s"])  # fmt: skip
     cost = ModelCost.from_manifest(ckpt.manifest)
     if a.kv_dtype is not None:  # the cache's own bytes
         from dataclasses import replace
@@ -282,7 +283,13 @@ def measure(
         per_vector = kv_vector_bytes(cost.head_dim, cost.itemsize, a.kv_dtype)
         cost = replace(cost, kv_vector_bytes=per_vector)
     pre_floor, dec_floor = roofline_seconds(
-        cost, plan.rank_streamed_bytes, machine, batch, a.prompt_len, st.new_tokens
+        cost,
+        plan.rank_streamed_bytes,
+        machine,
+        batch,
+        a.prompt_len,
+        st.new_tokens,
+        kv_on_host=plan.kv_tier == "cpu",
     )
     roof_tps = batch * st.new_tokens / (pre_floor + dec_floor)
     steps = max(1, st.new_tokens - 1)

@@ -22,9 +22,11 @@ for the host: q, k, v to the host (D2H), attention over the cached keys on the C
 the probe's measured CPU attention rate), the output back (H2D), plus HOST_LAYER_S of syncs and
 launches. The executor issues micro-batches one after the other from one thread, so the host's
 attention overlaps neither the device's compute nor the other micro-batches: it adds to
-compute_s; the copy stream keeps prefetching weights meanwhile, so it overlaps stream_s. A
-prefill at the cache's start attends on the device (its keys are its own) and only copies its
-keys and values to the host.
+compute_s; the copy stream keeps prefetching weights meanwhile, so it overlaps stream_s. Both
+read host memory, so a pass also takes at least (cache bytes read and written + streamed
+bytes) / the probe's host memory rate (measured with the CPU reading and H2D running at once),
+the roofline's term too. A prefill at the cache's start attends on the device (its keys are
+its own) and only copies its keys and values to the host.
 
 Rates come from probe.py (measured on this machine, cached). The search tries every KV tier
 (plan.KV_TIERS; search_tiers), prefetch depth, batch and micro-batch count and keeps the most
@@ -229,10 +231,17 @@ def predict(
     share = plan.streamed_bytes / max(1, size.weight_bytes)
     host = plan.kv_tier == "cpu"
 
-    def pass_s(compute: np.ndarray | float) -> np.ndarray | float:
+    host_rate = rates.host_memory_bytes_per_s if host else None
+
+    def pass_s(compute: np.ndarray | float, positions: np.ndarray | int) -> np.ndarray | float:
+        """A pass whose host KV tier moves `positions` positions of every row's cache through
+        host memory (read or written)."""
         over = np.maximum(stream, compute)
         if plan.prefetch == 1:
             over = np.maximum(stream + share * compute, compute)
+        if host_rate:  # the cache's and the streamed weights' bytes share host memory
+            host_bytes = size.kv_token_bytes * batch * positions + plan.rank_streamed_bytes
+            over = np.maximum(over, host_bytes / host_rate)
         return over + PASS_OVERHEAD_S
 
     def prefill_s(rows: int) -> float:
@@ -245,10 +254,10 @@ def predict(
         return _compute_s(size, rates, rows, 1, ctx)
 
     chunk = max(1, work.prefill_tokens // p)
-    prefill = pass_s(sum(prefill_s(r) for r in _splits(batch, chunk)))
+    prefill = pass_s(sum(prefill_s(r) for r in _splits(batch, chunk)), p)  # p written
     ctx = np.arange(p + 1, p + g)  # decode step i sees the prompt and i new tokens
     parts = _splits(batch, micro_batch or batch)
-    decode = pass_s(sum(decode_s(r, ctx) for r in parts))
+    decode = pass_s(sum(decode_s(r, ctx) for r in parts), ctx + 1)  # ctx read, one written
     return Prediction(batch, g, float(prefill), float(np.sum(decode)))
 
 

@@ -15,6 +15,7 @@ import logging
 import os
 import platform
 import statistics
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,6 +48,9 @@ class Rates:
     cpu_attn_bytes_per_s: float  # cache bytes/s host attention reads in a decode step
     disk_bytes_per_s: float | None = None  # O_DIRECT reads of the offload folder (NVMe tier)
     cpu_attn_int8_bytes_per_s: float | None = None  # the same over an int8 cache (with scales)
+    # Host memory bytes/s read by the CPU's threads and the H2D stream at once (their shared
+    # limit: the host KV tier's attention and the weights' copies both read host memory).
+    host_memory_bytes_per_s: float | None = None
 
     def stream_bytes_per_s(self, offload: str) -> float:
         """What feeds the streamed units: H2D, or min(disk, H2D) from NVMe."""
@@ -120,6 +124,7 @@ def measure(
         measure_cpu_attention(dtype, large=cuda),
         measure_disk(disk_dir, io_backend) if disk_dir is not None else None,
         measure_cpu_attention(dtype, large=cuda, kv_dtype="int8"),
+        measure_host_memory(device, (1 << 30) if cuda else (64 << 20)),
     )
     if cuda:  # hand the probe's 4 GiB back before the model's buffers are allocated
         torch.cuda.empty_cache()
@@ -211,6 +216,50 @@ def measure_cpu_attention(dtype: torch.dtype, large: bool, kv_dtype: str | None 
     return nbytes / seconds(run, torch.device("cpu"), repeat=3)
 
 
+def measure_host_memory(device: torch.device, nbytes: int, seconds_: float = 1.0) -> float:
+    """Host memory bytes/s with every torch thread reading (a sum over `nbytes`) while, on a
+    GPU, pinned H2D copies run beside them for `seconds_`: the total of both, which is what the
+    host KV tier's attention and the weights' stream share."""
+    x = torch.ones(nbytes // 4, dtype=torch.float32)
+    cpu = torch.device("cpu")
+    if device.type != "cuda":
+        return nbytes / seconds(lambda: x.sum(), cpu, repeat=3)
+    copied, read = concurrent_with_h2d(lambda: x.sum(), device, seconds_)
+    return copied + read * nbytes
+
+
+def concurrent_with_h2d(
+    fn: Callable[[], Any], device: torch.device, seconds_: float, nbytes: int = 256 << 20
+) -> tuple[float, float]:
+    """(H2D bytes/s, calls of `fn` per second) with pinned H2D copies of `nbytes` looping on a
+    side stream from another thread while `fn` runs again and again on this one."""
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dev = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    stream = torch.cuda.Stream(device)
+    stop = threading.Event()
+    copies = [0]
+
+    def copier() -> None:
+        with torch.cuda.stream(stream):
+            while not stop.is_set():
+                dev.copy_(host, non_blocking=True)
+                stream.synchronize()
+                copies[0] += 1
+
+    th = threading.Thread(target=copier, daemon=True)
+    th.start()
+    try:
+        fn()  # warm, and the copies under way
+        c0, t0, n = copies[0], time.perf_counter(), 0
+        while (dt := time.perf_counter() - t0) < seconds_ or n == 0:
+            fn()
+            n += 1
+        return (copies[0] - c0) * nbytes / dt, n / dt
+    finally:
+        stop.set()
+        th.join()
+
+
 def drop_page_cache() -> bool:
     """Drop the kernel's page cache (needs root); False where not allowed."""
     try:
@@ -262,7 +311,8 @@ def _summary(r: Rates) -> str:
         f"matmul {r.flops / 1e12:.3g} TFLOP/s, HBM {r.hbm_bytes_per_s / 1e9:.0f} GB/s, "
         f"H2D {r.h2d_bytes_per_s / 1e9:.1f} GB/s, D2H {r.d2h_bytes_per_s / 1e9:.1f} GB/s, "
         f"CPU attention {r.cpu_attn_bytes_per_s / 1e9:.1f} GB/s (int8 cache "
-        f"{(r.cpu_attn_int8_bytes_per_s or 0) / 1e9:.1f}){disk}"
+        f"{(r.cpu_attn_int8_bytes_per_s or 0) / 1e9:.1f}), host memory "
+        f"{(r.host_memory_bytes_per_s or 0) / 1e9:.1f} GB/s{disk}"
     )
 
 

@@ -1,6 +1,10 @@
 """The physical limit of a generation run (../shared/DESIGN.md, "Measuring"): the sum over
 forward passes of max(streamed bytes / link bandwidth, FLOPs / peak, HBM bytes / HBM bandwidth).
-Pure arithmetic, so tests can check it and every benchmark reports against the same formula."""
+With the KV cache in host memory (the "cpu" KV tier) the cache's bytes move from the HBM term to
+two more: host memory, which the decode's attention reads the whole cache from while the link
+reads the streamed weights from it too (host bytes / the host memory rate measured with both at
+once), and D2H, which each pass's new keys and values cross. Pure arithmetic, so tests can check
+it and every benchmark reports against the same formula."""
 
 from __future__ import annotations
 
@@ -17,6 +21,8 @@ class Machine:
     stream_bytes_per_s: float  # H2D for the CPU tier; min(disk, H2D) for NVMe
     flops: float
     hbm_bytes_per_s: float
+    host_bytes_per_s: float | None = None  # probe.Rates.host_memory_bytes_per_s (None: no term)
+    d2h_bytes_per_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -69,23 +75,42 @@ class ModelCost:
         attn = 4 * tokens * mean_visible * self.heads * self.head_dim * self.layers
         return 2 * self.matmul_params * tokens + attn + 2 * self.head_params * batch
 
-    def pass_hbm_bytes(self, batch: int, context: int) -> float:
+    def kv_bytes(self, batch: int, positions: float) -> float:
+        """Cache bytes of `positions` positions of every row, keys and values, all layers."""
         per_vector = self.kv_vector_bytes or self.head_dim * self.itemsize
-        kv = 2 * batch * context * self.kv_heads * self.layers * per_vector
-        return self.weight_bytes + kv
+        return 2 * batch * positions * self.kv_heads * self.layers * per_vector
+
+    def pass_hbm_bytes(self, batch: int, context: int, kv_on_host: bool = False) -> float:
+        """Weights once, and the cache's `context` positions unless the cache is in host
+        memory."""
+        return self.weight_bytes + (0 if kv_on_host else self.kv_bytes(batch, context))
+
+    def pass_host_bytes(self, batch: int, seq: int, context: int) -> float:
+        """Host memory bytes of the cache in a pass with the cache in host memory: the `seq` new
+        positions written, and a decode step (seq 1) reads all `context` (a prompt at the
+        cache's start attends on the device, over its own keys)."""
+        return self.kv_bytes(batch, seq + (context if seq == 1 else 0))
 
 
 def roofline_seconds(
-    cost: ModelCost, streamed_bytes: int, machine: Machine, batch: int, prompt: int, new: int
-) -> tuple[float, float]:
-    """(prefill floor, decode floor) in seconds for `new` tokens after a `prompt`-token prefill."""
+    cost: ModelCost, streamed_bytes: int, machine: Machine, batch: int, prompt: int, new: int,
+    kv_on_host: bool = False,
+) -> tuple[float, float]:  # fmt: skip
+    """(prefill floor, decode floor) in seconds for `new` tokens after a `prompt`-token prefill;
+    kv_on_host: the cache is in host memory (the "cpu" KV tier)."""
 
     def floor(seq: int, context: int) -> float:
-        return max(
+        terms = [
             streamed_bytes / machine.stream_bytes_per_s,
             cost.pass_flops(batch, seq, context) / machine.flops,
-            cost.pass_hbm_bytes(batch, context) / machine.hbm_bytes_per_s,
-        )
+            cost.pass_hbm_bytes(batch, context, kv_on_host) / machine.hbm_bytes_per_s,
+        ]
+        if kv_on_host and machine.host_bytes_per_s:
+            host = cost.pass_host_bytes(batch, seq, context) + streamed_bytes
+            terms.append(host / machine.host_bytes_per_s)
+        if kv_on_host and machine.d2h_bytes_per_s:
+            terms.append(cost.kv_bytes(batch, seq) / machine.d2h_bytes_per_s)
+        return max(terms)
 
     prefill = floor(prompt, prompt)
     decode = sum(floor(1, prompt + i + 1) for i in range(new - 1))

@@ -4,19 +4,21 @@ call models.layers.attend, which comes here for a cache whose LayerKV.host is se
 this module when it first does: this module uses layers' sdpa).
 
 Per layer and step: q, k, v (and the step's mask) go to the host through pinned staging buffers
-with one host sync; k, v are written into the host cache (int8 caches quantized by the float32
-torch reference, kernels.kv_quant); a decode step over a 16-bit or float32 cache runs the
-native kernel (native/host_attn.c: one pass over the keys and values per (row, head), on all of
-torch's intra-op threads, bound by host memory bandwidth), anything else torch SDPA on the CPU in
-chunks of rows and kv heads so that temporaries (keys dequantized or expanded for GQA) stay under
-CHUNK_BYTES. torch's CPU SDPA converts 16-bit inputs far below memory speed (on the H100
-machine's 16 cores, 56 GB/s at OPT-30B's decode shape; see docs/benchmarks.md against the native
-kernel); without the native module (no compiler at install) a warning says so once and the
-slower path runs. The output [B, S, H * D] goes back to
+with one host sync; a decode step over a 16-bit or float32 cache then runs the native kernel
+(native/host_attn.c), which writes k, v into the cache and attends in one pass over each (row,
+kv head)'s keys and values on all of torch's intra-op threads, bound by host memory bandwidth
+(91 GB/s at OPT-30B's batch-96 step on the H100 machine's 16 cores, against 50-61 GB/s for
+torch's CPU SDPA, which converts 16-bit inputs far below memory speed: docs/benchmarks.md).
+Anything else (an int8 cache, a chunk of several tokens over earlier entries) writes with
+write_kv (int8 quantized by the float32 torch reference, kernels.kv_quant) and attends with
+torch SDPA on the CPU in chunks of rows and kv heads, so that temporaries (keys dequantized or
+expanded for GQA) stay under CHUNK_BYTES. Without the native module (no compiler at install) a
+warning says so once and torch's path serves every step. The output [B, S, H * D] goes back to
 the compute device without a sync (stream-ordered, from a pinned buffer). The GPU waits for
 each layer's host attention; the prefetcher's copy stream keeps streaming weights meanwhile
-(engine/costmodel.py models exactly that). A prompt that sees no earlier cache entry is the
-exception: its attention stays on the GPU (see attend_host).
+(engine/costmodel.py models that, and that both read host memory). A prompt that sees no
+earlier cache entry is the exception: its attention stays on the GPU and only its keys and
+values go to the host, written by HostWriter's thread without a host sync (see attend_host).
 
 The arithmetic is models.layers.attend's: the same cache writes, the same keys (a prefill over
 an int8 cache attends over its own keys as computed), the same SDPA on the host's copy; on a
@@ -27,7 +29,10 @@ from __future__ import annotations
 
 import importlib
 import logging
+import queue
+import threading
 from types import ModuleType
+from typing import Any
 
 import torch
 from torch.profiler import record_function
@@ -78,9 +83,12 @@ def attend_host(
         # the compute device already (and equal the cache's in the model's dtype): its S x S
         # attention runs there, on a GPU orders of magnitude faster than on the CPU; only the
         # keys go to the host.
-        write_kv(kv, *to_host(k, v), start)
+        # keys only go to the host. Without a host sync: the writer thread puts them in the
+        # cache while the device goes on (flush_writes before the cache is read).
+        writer.submit(kv, k, v, start)
         o = sdpa(q, k, v, mask[..., start:end], scale)  # [B, H, S, D]
         return o.transpose(1, 2).reshape(B, S, H * D)
+    writer.flush()  # this layer's cache complete before it is read
     with record_function("host_attn.to_host"):  # spans for the profiler (tools/profile_bench)
         hq, hk, hv, hmask = to_host(q, k, v, mask[..., :end])
     out = torch.empty(B, S, H * D, dtype=q.dtype, pin_memory=q.is_cuda)
@@ -91,6 +99,80 @@ def attend_host(
             write_kv(kv, hk, hv, start)
             attend_cached(hq, kv, end, hmask, scale, out, fresh)
     return out.to(q.device, non_blocking=True) if q.is_cuda else out
+
+
+class HostWriter:
+    """Writes a prompt's keys and values into host caches off the calling thread: submit()
+    starts their copies to pinned staging (a CUDA event marks them done) and queues the write;
+    one thread waits for each copy and runs write_kv, in submission order. So a prefill's
+    layers never wait for the host: syncing for every (chunk, layer) left the device idle
+    while the host wrote (7.6 s of OPT-30B's batch-96 prefill against 3.9 s of matmuls).
+    At most `depth` writes wait at once (their staging is pinned memory); flush() waits for
+    all of them and raises the first error the thread met, with its chained cause."""
+
+    def __init__(self, depth: int = 4) -> None:
+        self.queue: queue.Queue[tuple[Any, LayerKV, torch.Tensor, torch.Tensor, int]] = queue.Queue(
+            maxsize=depth
+        )
+        self.error: BaseException | None = None
+        self.thread: threading.Thread | None = None
+
+    def submit(self, kv: LayerKV, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
+        """k, v [B, Hkv, S, D] (any device) into `kv` at indices start .. start+S-1, later."""
+        self._raise()
+        if k.is_cuda:
+            hk, hv = (torch.empty(x.shape, dtype=x.dtype, pin_memory=True) for x in (k, v))
+            hk.copy_(k, non_blocking=True)
+            hv.copy_(v, non_blocking=True)
+            done: Any = torch.cuda.Event()
+            done.record()
+        else:  # the caller may reuse its tensors: the writer keeps copies
+            hk, hv, done = k.clone(), v.clone(), None
+        if self.thread is None or not self.thread.is_alive():
+            self.thread = threading.Thread(target=self._run, name="zeroinf-kv-writer", daemon=True)
+            self.thread.start()
+        self.queue.put((done, kv, hk, hv, start))
+
+    def flush(self, raise_errors: bool = True) -> None:
+        """Wait until every submitted write is in its cache."""
+        if self.thread is not None:
+            self.queue.join()
+        if raise_errors:
+            self._raise()
+        else:
+            self.error = None
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            e, self.error = self.error, None
+            raise RuntimeError(f"host KV cache write failed: {e}") from e
+
+    def _run(self) -> None:
+        with torch.inference_mode():  # thread-local: the caches may be inference tensors
+            self._loop()
+
+    def _loop(self) -> None:
+        while True:
+            done, kv, hk, hv, start = self.queue.get()
+            try:
+                if self.error is None:  # after an error, the rest of the pass is dropped
+                    if done is not None:
+                        done.synchronize()
+                    write_kv(kv, hk, hv, start)
+            except BaseException as e:  # raised to the caller by its next submit or flush
+                self.error = e
+            finally:
+                del hk, hv  # the staging back to torch's pinned-memory cache
+                self.queue.task_done()
+
+
+writer = HostWriter()
+
+
+def flush_writes(raise_errors: bool = True) -> None:
+    """Every prompt key and value submitted so far is in its host cache (the executor calls it
+    at the end of each pass; raise_errors=False when the pass fails anyway)."""
+    writer.flush(raise_errors)
 
 
 def _own_keys_only(mask: torch.Tensor, start: int) -> bool:
