@@ -84,3 +84,49 @@ def test_cuda_graphs_equal_eager(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
             outs.append(model.generate(ids, max_new_tokens=10))
             assert (model.executor.graph_counts[1] > 0) == (graphs == "1")
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_host_kv_tier_on_the_gpu(tmp_path: Path, family: str, dtype: str) -> None:
+    """The host KV tier on a GPU (pinned staging, the writer's side stream, the native kernel):
+    float32 tokens equal transformers' greedy generate (left padding, prefill in row chunks,
+    micro-batches of 3 rows, a second call reusing the cache); float16 the device tier's, in
+    all but the rare near-tie (at most one sequence may part ways)."""
+    hf = save_tiny_hf(tmp_path / "hf", family, seed=3)
+    ckpt = convert(tmp_path / "hf", tmp_path / "zi", progress=False, dtype=dtype)
+    ids = torch.randint(4, hf.config.vocab_size, (7, 9), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    mask[5, :8] = 0
+    outs = {}
+    for tier in ("cpu", "gpu"):
+        with zeroinf.load(ckpt, device="cuda", kv_tier=tier, prefill_tokens=18) as model:
+            assert model.plan.kv_tier == tier
+            model.micro_batch = 3
+            outs[tier] = model.generate(ids, attention_mask=mask, max_new_tokens=12)
+            again = model.generate(ids, attention_mask=mask, max_new_tokens=12)
+            torch.testing.assert_close(again, outs[tier], rtol=0, atol=0)
+    if dtype == "float32":
+        with torch.no_grad():
+            ref = hf.cuda().generate(
+                ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=12, do_sample=False,
+                min_new_tokens=12, pad_token_id=0,
+            ).cpu()  # fmt: skip
+        torch.testing.assert_close(outs["cpu"], ref, rtol=0, atol=0)
+    else:
+        assert (outs["cpu"] != outs["gpu"]).any(1).sum() <= 1
+
+
+@pytest.mark.parametrize("inference", [False, True])
+def test_host_memory_probe_runs_its_copies(inference: bool) -> None:
+    """The host memory rate counts H2D copies beside the CPU's reads, in or out of inference
+    mode (the copier thread has its own mode): more than the CPU's reads alone would give."""
+    from zeroinf.engine.probe import concurrent_with_h2d, measure_host_memory
+
+    cuda = torch.device("cuda")
+    x = torch.ones(16 << 20)
+    with torch.inference_mode(inference):
+        copied, calls = concurrent_with_h2d(lambda: x.sum(), cuda, 0.3)
+        assert copied > 1e9 and calls > 0
+        assert measure_host_memory(cuda, 64 << 20, 0.3) > copied

@@ -103,7 +103,8 @@ def attend_host(
 
 class HostWriter:
     """Writes a prompt's keys and values into host caches off the calling thread: submit()
-    starts their copies to pinned staging (a CUDA event marks them done) and queues the write;
+    starts their copies to pinned staging on a side stream (a CUDA event marks them done),
+    so the device computes on meanwhile, and queues the write;
     one thread waits for each copy and runs write_kv, in submission order. So a prefill's
     layers never wait for the host: syncing for every (chunk, layer) left the device idle
     while the host wrote (7.6 s of OPT-30B's batch-96 prefill against 3.9 s of matmuls).
@@ -116,16 +117,24 @@ class HostWriter:
         )
         self.error: BaseException | None = None
         self.thread: threading.Thread | None = None
+        self.streams: dict[torch.device, torch.cuda.Stream] = {}  # D2H, one per device
 
     def submit(self, kv: LayerKV, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
         """k, v [B, Hkv, S, D] (any device) into `kv` at indices start .. start+S-1, later."""
         self._raise()
-        if k.is_cuda:
+        if k.is_cuda:  # copied on a side stream, beside the device's next computation
             hk, hv = (torch.empty(x.shape, dtype=x.dtype, pin_memory=True) for x in (k, v))
-            hk.copy_(k, non_blocking=True)
-            hv.copy_(v, non_blocking=True)
-            done: Any = torch.cuda.Event()
-            done.record()
+            computed = torch.cuda.Event()
+            computed.record()
+            side = self.streams.setdefault(k.device, torch.cuda.Stream(k.device))
+            with torch.cuda.stream(side):
+                side.wait_event(computed)
+                hk.copy_(k, non_blocking=True)
+                hv.copy_(v, non_blocking=True)
+                done: Any = torch.cuda.Event()
+                done.record(side)
+            for x in (k, v):  # their memory is not reused before the side stream is done
+                x.record_stream(side)
         else:  # the caller may reuse its tensors: the writer keeps copies
             hk, hv, done = k.clone(), v.clone(), None
         if self.thread is None or not self.thread.is_alive():
