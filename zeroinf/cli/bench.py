@@ -270,6 +270,12 @@ def measure(
 
         mach["h2d_bytes_per_s_after"] = measure_h2d(device, nbytes=512 << 20)
         mach["h2d_bytes_per_s"] = max(mach["h2d_bytes_per_s"], mach["h2d_bytes_per_s_after"])
+        if plan.kv_tier == "cpu":  # the host memory term of the roofline: the same rule
+            from zeroinf.engine.probe import measure_host_memory
+
+            after = measure_host_memory(device, 1 << 30, 2.0)
+            mach["host_memory_bytes_per_s_after"] = after
+            mach["host_memory_bytes_per_s"] = max(mach["host_memory_bytes_per_s"] or 0, after)
     h2d = mach["h2d_bytes_per_s"]
     stream_bw = min(disk, h2d) if disk is not None and a.offload == "nvme" else h2d
     machine = Machine(stream_bw, mach["flops"], mach["hbm_bytes_per_s"],
