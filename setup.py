@@ -31,7 +31,7 @@ setup(
             "zeroinf._native_attn",
             sources=["native/host_attn.c"],
             extra_compile_args=["-O3", "-Wall", "-std=gnu11", "-pthread"],
-            extra_link_args=["-pthread"],
+            extra_link_args=["-pthread", "-ldl"],
         ),
     ],
     cmdclass={"build_ext": OptionalBuildExt},

@@ -20,6 +20,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <dlfcn.h>
 #include <math.h>
 #include <pthread.h>
 #include <stdint.h>
@@ -47,6 +48,7 @@ typedef struct {
     int64_t next;                 /* the next task: atomic */
     int simd;
     int64_t ahead;                /* software prefetch: rows ahead of the one in use (0: none) */
+    int threads;
 } Job;
 
 static inline float half_to_float(uint16_t h) {
@@ -263,55 +265,120 @@ static void *worker(void *arg) {
     return NULL;
 }
 
-static PyObject *decode(PyObject *self, PyObject *args) {
-    (void)self;
+/* decode()'s arguments into `j` (and its thread count); 0 with a Python error set on failure. */
+static int parse_job(PyObject *args, Job *j) {
     unsigned long long q, k, v, out, mask, k_new, v_new;
-    Job j;
-    int threads, portable = 0;
-    memset(&j, 0, sizeof j);
-    j.ahead = 8;
+    int portable = 0;
+    memset(j, 0, sizeof *j);
+    j->ahead = 8;
     if (!PyArg_ParseTuple(args, "KKKKKKK(LLLLL)(LLLLLLLLLLLLLL)ifi|pL", &q, &k, &v, &out, &mask,
-                          &k_new, &v_new, &j.B, &j.H, &j.Hkv, &j.D, &j.end, &j.q_sb, &j.q_sh,
-                          &j.k_sb, &j.k_sh, &j.k_st, &j.v_sb, &j.v_sh, &j.v_st, &j.o_sb,
-                          &j.mask_sb, &j.kn_sb, &j.kn_sh, &j.vn_sb, &j.vn_sh, &j.dtype, &j.scale,
-                          &threads, &portable, &j.ahead))
-        return NULL;
-    if (j.dtype < F32 || j.dtype > BF16 || j.B < 0 || j.H <= 0 || j.Hkv <= 0 || j.H % j.Hkv ||
-        j.D <= 0 || j.end <= 0 || j.ahead < 0 || !k_new != !v_new) {
+                          &k_new, &v_new, &j->B, &j->H, &j->Hkv, &j->D, &j->end, &j->q_sb,
+                          &j->q_sh, &j->k_sb, &j->k_sh, &j->k_st, &j->v_sb, &j->v_sh, &j->v_st,
+                          &j->o_sb, &j->mask_sb, &j->kn_sb, &j->kn_sh, &j->vn_sb, &j->vn_sh,
+                          &j->dtype, &j->scale, &j->threads, &portable, &j->ahead))
+        return 0;
+    if (j->dtype < F32 || j->dtype > BF16 || j->B < 0 || j->H <= 0 || j->Hkv <= 0 ||
+        j->H % j->Hkv || j->D <= 0 || j->end <= 0 || j->ahead < 0 || !k_new != !v_new) {
         PyErr_SetString(PyExc_ValueError, "host_attn.decode: bad dtype, dimensions or new k/v");
-        return NULL;
+        return 0;
     }
-    j.q = (const char *)(uintptr_t)q;
-    j.k = (const char *)(uintptr_t)k;
-    j.v = (const char *)(uintptr_t)v;
-    j.out = (char *)(uintptr_t)out;
-    j.mask = (const char *)(uintptr_t)mask;
-    j.k_new = (const char *)(uintptr_t)k_new;
-    j.v_new = (const char *)(uintptr_t)v_new;
+    j->q = (const char *)(uintptr_t)q;
+    j->k = (const char *)(uintptr_t)k;
+    j->v = (const char *)(uintptr_t)v;
+    j->out = (char *)(uintptr_t)out;
+    j->mask = (const char *)(uintptr_t)mask;
+    j->k_new = (const char *)(uintptr_t)k_new;
+    j->v_new = (const char *)(uintptr_t)v_new;
 #ifdef ZI_X86
     __builtin_cpu_init();
-    j.simd = !portable && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-             __builtin_cpu_supports("f16c");
+    j->simd = !portable && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+              __builtin_cpu_supports("f16c");
 #endif
-    if (threads < 1) threads = 1;
-    if (threads > j.B * j.Hkv) threads = (int)(j.B * j.Hkv > 0 ? j.B * j.Hkv : 1);
-    pthread_t *ids = (pthread_t *)calloc((size_t)threads, sizeof(pthread_t));
-    if (!ids) return PyErr_NoMemory();
-    int failed = 0;
-    Py_BEGIN_ALLOW_THREADS
-    int started = 0;
-    for (; started < threads - 1; started++)
-        if (pthread_create(&ids[started], NULL, worker, &j)) break;
-    if (worker(&j)) failed = 1; /* this thread works too */
+    if (j->threads < 1) j->threads = 1;
+    if (j->threads > j->B * j->Hkv) j->threads = (int)(j->B * j->Hkv > 0 ? j->B * j->Hkv : 1);
+    return 1;
+}
+
+/* Every task of `j` on its threads (this one included); nonzero when memory ran out. */
+static int run_job(Job *j) {
+    pthread_t *ids = (pthread_t *)calloc((size_t)j->threads, sizeof(pthread_t));
+    if (!ids) return 1;
+    int failed = 0, started = 0;
+    for (; started < j->threads - 1; started++)
+        if (pthread_create(&ids[started], NULL, worker, j)) break;
+    if (worker(j)) failed = 1;
     for (int i = 0; i < started; i++) {
         void *r;
         pthread_join(ids[i], &r);
         if (r) failed = 1;
     }
-    Py_END_ALLOW_THREADS
     free(ids);
+    return failed;
+}
+
+static PyObject *decode(PyObject *self, PyObject *args) {
+    (void)self;
+    Job j;
+    if (!parse_job(args, &j)) return NULL;
+    int failed;
+    Py_BEGIN_ALLOW_THREADS
+    failed = run_job(&j);
+    Py_END_ALLOW_THREADS
     if (failed) return PyErr_NoMemory();
     Py_RETURN_NONE;
+}
+
+/* The same work as a host function in a CUDA stream (the driver's cuLaunchHostFunc, found in
+ * libcuda at the first call): it runs on the driver's thread once the stream's earlier work
+ * (the copies of q, k, v to the host) is done, and the stream's later work (the output's copy
+ * back, the layer's rest) waits for it. The caller's thread queues the next layers meanwhile:
+ * no host sync per layer, and the device's work between two attentions is all that separates
+ * them. The caller keeps every buffer alive until an event after the function has completed.
+ * A failure (memory) cannot raise there: it is counted, and failures() reports it. */
+typedef int (*LaunchHostFunc)(void *stream, void (*fn)(void *), void *data);
+static LaunchHostFunc launch_host_func;
+static int async_failures;
+
+static void host_func(void *data) {
+    Job *j = (Job *)data;
+    if (run_job(j)) __atomic_add_fetch(&async_failures, 1, __ATOMIC_RELAXED);
+    free(j);
+}
+
+static PyObject *decode_async(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long stream;
+    PyObject *inner;
+    if (!PyArg_ParseTuple(args, "KO!", &stream, &PyTuple_Type, &inner)) return NULL;
+    if (!launch_host_func) {
+        void *lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_NOLOAD);
+        if (!lib) lib = dlopen("libcuda.so.1", RTLD_NOW);
+        if (lib) launch_host_func = (LaunchHostFunc)dlsym(lib, "cuLaunchHostFunc");
+        if (!launch_host_func) {
+            PyErr_SetString(PyExc_RuntimeError, "host_attn.decode_async: no cuLaunchHostFunc in "
+                                                "libcuda.so.1");
+            return NULL;
+        }
+    }
+    Job *j = (Job *)malloc(sizeof(Job));
+    if (!j) return PyErr_NoMemory();
+    if (!parse_job(inner, j)) {
+        free(j);
+        return NULL;
+    }
+    int rc = launch_host_func((void *)(uintptr_t)stream, host_func, j);
+    if (rc) {
+        free(j);
+        PyErr_Format(PyExc_RuntimeError, "host_attn.decode_async: cuLaunchHostFunc failed (%d)", rc);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *failures(PyObject *self, PyObject *args) {
+    (void)self;
+    (void)args;
+    return PyLong_FromLong(__atomic_exchange_n(&async_failures, 0, __ATOMIC_RELAXED));
 }
 
 static PyObject *simd(PyObject *self, PyObject *args) {
@@ -331,6 +398,10 @@ static PyMethodDef methods[] = {
      "decode(q, k, v, out, mask, k_new, v_new, (B, H, Hkv, D, end), (q_sb, q_sh, k_sb, k_sh, k_st, "
      "v_sb, v_sh, v_st, o_sb, mask_sb, kn_sb, kn_sh, vn_sb, vn_sh), dtype, scale, threads[, "
      "portable, ahead]): write this step's k, v (0: none) at end - 1, then one-token attention over a host KV cache"},
+    {"decode_async", decode_async, METH_VARARGS,
+     "decode_async(stream, args): decode(*args) as a host function queued in a CUDA stream"},
+    {"failures", failures, METH_NOARGS,
+     "how many queued decodes ran out of memory since the last call (and reset the count)"},
     {"simd", simd, METH_NOARGS, "the vector path this CPU takes: 'avx2' or 'portable'"},
     {NULL, NULL, 0, NULL}};
 

@@ -284,7 +284,10 @@ def run(a: argparse.Namespace) -> int:
             if summary is None:
                 raise
             summary.interrupted = summary.interrupted or getattr(e, "code", 130)
-    print(f"{PROG}: {summary.line(cfg.output, ranks)}", flush=True)
+    # one write with its newline (print writes them apart: a signal between them would glue
+    # the next line onto the summary, as zeroinf-convert once did)
+    sys.stdout.write(f"{PROG}: {summary.line(cfg.output, ranks)}\n")
+    sys.stdout.flush()
     return summary.interrupted
 
 

@@ -19,7 +19,7 @@ from zeroinf.engine.prefetcher import Prefetcher
 from zeroinf.errors import CheckpointError
 from zeroinf.format import DTYPES, TensorEntry, UnitEntry
 from zeroinf.models.base import Context, LayerKV, QuantWeight
-from zeroinf.models.host_attention import flush_writes
+from zeroinf.models.host_attention import finish_host_work
 
 
 @dataclass
@@ -108,11 +108,11 @@ class Executor:
                     xs[k] = fn(xs[k]) if graphs is None else graphs.run(j, buf, k, fn, xs[k])
             except BaseException:
                 self._skip_rest_of_pass(j)
-                flush_writes(raise_errors=False)  # no host KV write outlives a failed pass
+                finish_host_work(raise_errors=False)  # no host KV work outlives a failed pass
                 raise
             layer += kind == "layer"
             self.prefetcher.release(j)
-        flush_writes()  # the host KV tier's prompt keys are in their caches when a pass ends
+        finish_host_work()  # the host KV tier's writes and attentions are done when a pass ends
         self.host_pass_s = time.perf_counter() - t0  # host time to issue the pass (tracing)
         return xs
 

@@ -3,10 +3,13 @@ place where a layer's computation leaves the compute device. Family files never 
 call models.layers.attend, which comes here for a cache whose LayerKV.host is set (importing
 this module when it first does: this module uses layers' sdpa).
 
-Per layer and step: q, k, v (and the step's mask) go to the host through pinned staging buffers
-with one host sync; a decode step over a 16-bit or float32 cache then runs the native kernel
-(native/host_attn.c), which writes k, v into the cache and attends in one pass over each (row,
-kv head)'s keys and values on all of torch's intra-op threads, bound by host memory bandwidth
+Per layer and step: q, k, v (and the step's mask) go to the host through pinned staging buffers;
+a decode step over a 16-bit or float32 cache then runs the native kernel (native/host_attn.c),
+which writes k, v into the cache and attends in one pass over each (row, kv head)'s keys and
+values on all of torch's intra-op threads. On a GPU the kernel is queued in the compute stream
+as a host function, after those copies and before the output's copy back: no host sync, and
+the calling thread queues the next layers meanwhile (InFlight keeps the buffers alive, and the
+executor waits for it all at the end of each pass). The kernel is bound by host memory bandwidth
 (91 GB/s at OPT-30B's batch-96 step on the H100 machine's 16 cores, against 50-61 GB/s for
 torch's CPU SDPA, which converts 16-bit inputs far below memory speed: docs/benchmarks.md).
 Anything else (an int8 cache, a chunk of several tokens over earlier entries) writes with
@@ -27,6 +30,7 @@ CPU-only machine the tokens equal the device tier's.
 
 from __future__ import annotations
 
+import collections
 import importlib
 import logging
 import queue
@@ -84,21 +88,63 @@ def attend_host(
         # attention runs there, on a GPU orders of magnitude faster than on the CPU; only the
         # keys go to the host.
         # keys only go to the host. Without a host sync: the writer thread puts them in the
-        # cache while the device goes on (flush_writes before the cache is read).
+        # cache while the device goes on (flushed before the cache is read).
         writer.submit(kv, k, v, start)
         o = sdpa(q, k, v, mask[..., start:end], scale)  # [B, H, S, D]
         return o.transpose(1, 2).reshape(B, S, H * D)
     writer.flush()  # this layer's cache complete before it is read
+    cuda = q.is_cuda
+    stream = torch.cuda.current_stream(q.device) if cuda else None
     with record_function("host_attn.to_host"):  # spans for the profiler (tools/profile_bench)
-        hq, hk, hv, hmask = to_host(q, k, v, mask[..., :end])
-    out = torch.empty(B, S, H * D, dtype=q.dtype, pin_memory=q.is_cuda)
+        hq, hk, hv, hmask = to_host(q, k, v, mask[..., :end], sync=False)
+    out = torch.empty(B, S, H * D, dtype=q.dtype, pin_memory=cuda)
     fresh = (hk, hv) if fresh_keys else None
     with record_function("host_attn.attend"):
-        # The native kernel writes k, v itself (no torch CPU op just before it: see its file).
-        if not native_decode(hq, kv, end, hmask, scale, out, fresh, new=(hk, hv)):
+        # The native kernel writes k, v itself (no torch CPU op just before it: see its file);
+        # on a GPU it is queued in the stream, after the copies, and this thread goes on.
+        queued = native_decode(hq, kv, end, hmask, scale, out, fresh, new=(hk, hv), stream=stream)
+        if not queued:
+            if stream is not None:
+                stream.synchronize()  # the copies to the host are done
             write_kv(kv, hk, hv, start)
             attend_cached(hq, kv, end, hmask, scale, out, fresh)
-    return out.to(q.device, non_blocking=True) if q.is_cuda else out
+    if not cuda:
+        return out
+    result = out.to(q.device, non_blocking=True)
+    if queued:
+        in_flight.add(hq, hk, hv, hmask, out)
+    return result
+
+
+class InFlight:
+    """Host attentions queued in CUDA streams (native_decode with a stream) whose buffers must
+    outlive them: torch's pinned-memory cache would hand a freed staging buffer out again once
+    its copy is done, before the host function has read it. Each entry holds its buffers and an
+    event after the output's copy back; at most `depth` wait, which bounds how far this thread
+    runs ahead of the device (and the staging memory)."""
+
+    def __init__(self, depth: int = 4) -> None:
+        self.depth = depth
+        self.entries: collections.deque[tuple[Any, tuple[torch.Tensor, ...]]] = collections.deque()
+
+    def add(self, *buffers: torch.Tensor) -> None:
+        done = torch.cuda.Event()
+        done.record()
+        self.entries.append((done, buffers))
+        while self.entries and (len(self.entries) > self.depth or self.entries[0][0].query()):
+            self.entries.popleft()[0].synchronize()
+
+    def wait(self) -> None:
+        """Every queued host attention has run; an out-of-memory in one is raised here."""
+        if self.entries:
+            self.entries[-1][0].synchronize()
+            self.entries.clear()
+        failed = native.failures() if native is not None else 0  # type: ignore[attr-defined]
+        if failed:
+            raise MemoryError(f"host attention ran out of memory in {failed} queued layer(s)")
+
+
+in_flight = InFlight()
 
 
 class HostWriter:
@@ -178,9 +224,15 @@ class HostWriter:
 writer = HostWriter()
 
 
-def flush_writes(raise_errors: bool = True) -> None:
-    """Every prompt key and value submitted so far is in its host cache (the executor calls it
-    at the end of each pass; raise_errors=False when the pass fails anyway)."""
+def finish_host_work(raise_errors: bool = True) -> None:
+    """Every prompt key and value submitted so far is in its host cache and every queued host
+    attention has run (the executor calls it at the end of each pass, so that nothing of the
+    host KV tier outlives a pass; raise_errors=False when the pass fails anyway)."""
+    try:
+        in_flight.wait()
+    except MemoryError:
+        if raise_errors:
+            raise
     writer.flush(raise_errors)
 
 
@@ -189,15 +241,17 @@ def _own_keys_only(mask: torch.Tensor, start: int) -> bool:
     return start == 0 or not bool(mask[..., :start].any())  # one host sync
 
 
-def to_host(*xs: torch.Tensor) -> list[torch.Tensor]:
-    """Host copies of device tensors with one sync (pinned staging from torch's caching host
-    allocator: cheap after the first step); host tensors as they are."""
+def to_host(*xs: torch.Tensor, sync: bool = True) -> list[torch.Tensor]:
+    """Host copies of device tensors (pinned staging from torch's caching host allocator: cheap
+    after the first step), complete on return when `sync`, else stream-ordered; host tensors
+    as they are."""
     if not xs[0].is_cuda:
         return list(xs)
     outs = [torch.empty(x.shape, dtype=x.dtype, pin_memory=True) for x in xs]
     for o, x in zip(outs, xs, strict=True):
         o.copy_(x, non_blocking=True)
-    torch.cuda.current_stream(xs[0].device).synchronize()
+    if sync:
+        torch.cuda.current_stream(xs[0].device).synchronize()
     return outs
 
 
@@ -215,7 +269,7 @@ def attend_cached(
     step's k, v [B, Hkv, S, D] in place of the cache's last S indices (fresh_keys above)."""
     B, H, S, D = q.shape
     Hkv = kv.k.shape[1]
-    if native is not None and native_decode(q, kv, end, mask, scale, out, fresh):
+    if native_decode(q, kv, end, mask, scale, out, fresh):
         return
     n_rep = H // Hkv
     rows, heads = chunk_shape(B, Hkv, n_rep, S, end, D, q.element_size(), fresh is not None,
@@ -245,6 +299,7 @@ def native_decode(
     new: tuple[torch.Tensor, torch.Tensor] | None = None,
     portable: bool = False,
     ahead: int | None = None,
+    stream: torch.cuda.Stream | None = None,
 ) -> bool:
     """attend_cached through native/host_attn.c where it applies (one query token per row, a
     16-bit or float32 cache read as written, every tensor with its last dim contiguous; q, out,
@@ -252,7 +307,9 @@ def native_decode(
     new: this step's k, v [B, Hkv, 1, D], written at cache index end - 1 before the attention,
     in the same pass. A row with no visible position gets zeros (the step's own key is always
     visible in a decode step). portable: the kernel's plain-C path even where the CPU has AVX2
-    (for tests); ahead: its software prefetch distance in rows (None: the kernel's default)."""
+    (for tests); ahead: its software prefetch distance in rows (None: the kernel's default).
+    stream: queue the kernel in this CUDA stream instead of running it now (the buffers must
+    then outlive it: InFlight)."""
     B, H, S, D = q.shape
     k, v = kv.k, kv.v
     Hkv = k.shape[1]
@@ -265,7 +322,7 @@ def native_decode(
             or (new is not None and any(x.shape != (B, Hkv, 1, D) for x in new))):  # fmt: skip
         return False
     kn, vn = new or (k, v)  # (k, v): placeholders for the strides when nothing is written
-    native.decode(  # type: ignore[attr-defined]
+    args = (
         q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), mask.data_ptr(),
         kn.data_ptr() if new else 0, vn.data_ptr() if new else 0,
         (B, H, Hkv, D, end),
@@ -274,6 +331,10 @@ def native_decode(
          vn.stride(0), vn.stride(1)),
         code, scale, torch.get_num_threads(), portable, *(() if ahead is None else (ahead,)),
     )  # fmt: skip
+    if stream is None:
+        native.decode(*args)  # type: ignore[attr-defined]
+    else:
+        native.decode_async(stream.cuda_stream, args)  # type: ignore[attr-defined]
     return True
 
 
