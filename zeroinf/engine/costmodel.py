@@ -20,8 +20,9 @@ With the KV cache in host memory (KV tier "cpu", models/host_attention.py) a dec
 has no KV read and no attention FLOPs on the device; instead the device waits, in every layer,
 for the host: q, k, v to the host (D2H), attention over the cached keys on the CPU (KV bytes /
 the probe's measured CPU attention rate), the output back (H2D), plus HOST_LAYER_S of syncs and
-launches. The executor issues micro-batches one after the other from one thread, so the host's
-attention overlaps neither the device's compute nor the other micro-batches: it adds to
+launches. The executor issues micro-batches one after the other and the host's attention sits
+in the compute stream (a host function there, on a GPU), so it overlaps neither the device's
+compute nor the other micro-batches: it adds to
 compute_s; the copy stream keeps prefetching weights meanwhile, so it overlaps stream_s. Both
 read host memory, so a pass also takes at least (cache bytes read and written + streamed
 bytes) / the probe's host memory rate (measured with the CPU reading and H2D running at once),
