@@ -29,6 +29,7 @@ from zeroinf.models import ModelConfig  # noqa: E402
 from zeroinf.models import host_attention as ha  # noqa: E402
 from zeroinf.models.base import LayerKV  # noqa: E402
 from zeroinf.models.host_attention import attend_cached, attend_host  # noqa: E402
+from zeroinf.models.host_transfer import to_host  # noqa: E402
 
 GB = 1e9
 
@@ -97,7 +98,7 @@ def full_path_s(b: int, h: int, t: int, d: int) -> dict[str, float]:
     q, k, v = (torch.randn(b, h, 1, d, device="cuda", dtype=torch.float16) for _ in "qkv")
     mask = torch.ones(b, 1, 1, t, dtype=torch.bool, device="cuda")
     cpu = torch.device("cpu")
-    hq, hk, hv, hmask = ha.to_host(q, k, v, mask)
+    hq, hk, hv, hmask = to_host(q, k, v, mask)
     out = torch.empty(b, 1, h * d, dtype=torch.float16, pin_memory=True)
 
     def whole() -> None:
@@ -110,7 +111,7 @@ def full_path_s(b: int, h: int, t: int, d: int) -> dict[str, float]:
 
     return {
         "whole": seconds(whole, cpu, 5),
-        "to_host": seconds(lambda: ha.to_host(q, k, v, mask), cpu, 5),
+        "to_host": seconds(lambda: to_host(q, k, v, mask), cpu, 5),
         "kernel": seconds(
             lambda: ha.native_decode(hq, kv, t, hmask, d**-0.5, out, new=(hk, hv)), cpu, 5
         ),  # fmt: skip

@@ -1,6 +1,7 @@
 """The host KV tier's native decode attention (native/host_attn.c) against a float64 torch
 reference: every dtype, GQA, masks, a cache longer than the attended prefix, strided views, both
-the AVX2 and the portable C path; and where host_attention takes it or leaves it."""
+the AVX2 and the portable C path; where host_attention takes it or leaves it; and the writer
+thread of models/host_transfer.py against the bytes it was given."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 
 from zeroinf.models import host_attention as ha
 from zeroinf.models.base import LayerKV
+from zeroinf.models.host_transfer import HostWriter
 from zeroinf.models.layers import sdpa
 
 pytest.importorskip("zeroinf._native_attn")
@@ -138,7 +140,7 @@ def test_missing_module_is_said_once(
 def test_host_writer_writes_in_order_and_reports_errors() -> None:
     """Prompt keys land in the cache by flush(), later writes over earlier ones; a write that
     fails surfaces at the next flush as one error, and the writer serves again after it."""
-    w = ha.HostWriter(depth=2)
+    w = HostWriter(depth=2)
     kv = LayerKV(torch.zeros(2, 3, 8, 4), torch.zeros(2, 3, 8, 4), host=True)
     for i in range(6):  # more than `depth`: submit waits for room
         k = torch.full((2, 3, 2, 4), float(i))
@@ -158,7 +160,7 @@ def test_host_writer_writes_in_order_and_reports_errors() -> None:
 
 def test_host_writer_keeps_its_own_copy() -> None:
     """A CPU caller's tensors may change after submit: what was submitted is written."""
-    w = ha.HostWriter()
+    w = HostWriter()
     kv = LayerKV(torch.zeros(1, 1, 4, 2), torch.zeros(1, 1, 4, 2), host=True)
     k = torch.ones(1, 1, 1, 2)
     w.submit(kv, k, k, start=0)

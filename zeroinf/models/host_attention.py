@@ -21,7 +21,8 @@ the compute device without a sync (stream-ordered, from a pinned buffer). The GP
 each layer's host attention; the prefetcher's copy stream keeps streaming weights meanwhile
 (engine/costmodel.py models that, and that both read host memory). A prompt that sees no
 earlier cache entry is the exception: its attention stays on the GPU and only its keys and
-values go to the host, written by HostWriter's thread without a host sync (see attend_host).
+values go to the host, written by HostWriter's thread (models/host_transfer.py) without a
+host sync (see attend_host).
 
 The arithmetic is models.layers.attend's: the same cache writes, the same keys (a prefill over
 an int8 cache attends over its own keys as computed), the same SDPA on the host's copy; on a
@@ -33,8 +34,6 @@ from __future__ import annotations
 import collections
 import importlib
 import logging
-import queue
-import threading
 from types import ModuleType
 from typing import Any
 
@@ -42,6 +41,7 @@ import torch
 from torch.profiler import record_function
 
 from zeroinf.models.base import LayerKV
+from zeroinf.models.host_transfer import to_host, writer
 from zeroinf.models.layers import sdpa, step_keys, write_kv
 
 log = logging.getLogger("zeroinf")
@@ -147,83 +147,6 @@ class InFlight:
 in_flight = InFlight()
 
 
-class HostWriter:
-    """Writes a prompt's keys and values into host caches off the calling thread: submit()
-    starts their copies to pinned staging on a side stream (a CUDA event marks them done),
-    so the device computes on meanwhile, and queues the write;
-    one thread waits for each copy and runs write_kv, in submission order. So a prefill's
-    layers never wait for the host: syncing for every (chunk, layer) left the device idle
-    while the host wrote (7.6 s of OPT-30B's batch-96 prefill against 3.9 s of matmuls).
-    At most `depth` writes wait at once (their staging is pinned memory); flush() waits for
-    all of them and raises the first error the thread met, with its chained cause."""
-
-    def __init__(self, depth: int = 4) -> None:
-        self.queue: queue.Queue[tuple[Any, LayerKV, torch.Tensor, torch.Tensor, int]] = queue.Queue(
-            maxsize=depth
-        )
-        self.error: BaseException | None = None
-        self.thread: threading.Thread | None = None
-        self.streams: dict[torch.device, torch.cuda.Stream] = {}  # D2H, one per device
-
-    def submit(self, kv: LayerKV, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
-        """k, v [B, Hkv, S, D] (any device) into `kv` at indices start .. start+S-1, later."""
-        self._raise()
-        if k.is_cuda:  # copied on a side stream, beside the device's next computation
-            hk, hv = (torch.empty(x.shape, dtype=x.dtype, pin_memory=True) for x in (k, v))
-            computed = torch.cuda.Event()
-            computed.record()
-            side = self.streams.setdefault(k.device, torch.cuda.Stream(k.device))
-            with torch.cuda.stream(side):
-                side.wait_event(computed)
-                hk.copy_(k, non_blocking=True)
-                hv.copy_(v, non_blocking=True)
-                done: Any = torch.cuda.Event()
-                done.record(side)
-            for x in (k, v):  # their memory is not reused before the side stream is done
-                x.record_stream(side)
-        else:  # the caller may reuse its tensors: the writer keeps copies
-            hk, hv, done = k.clone(), v.clone(), None
-        if self.thread is None or not self.thread.is_alive():
-            self.thread = threading.Thread(target=self._run, name="zeroinf-kv-writer", daemon=True)
-            self.thread.start()
-        self.queue.put((done, kv, hk, hv, start))
-
-    def flush(self, raise_errors: bool = True) -> None:
-        """Wait until every submitted write is in its cache."""
-        if self.thread is not None:
-            self.queue.join()
-        if raise_errors:
-            self._raise()
-        else:
-            self.error = None
-
-    def _raise(self) -> None:
-        if self.error is not None:
-            e, self.error = self.error, None
-            raise RuntimeError(f"host KV cache write failed: {e}") from e
-
-    def _run(self) -> None:
-        with torch.inference_mode():  # thread-local: the caches may be inference tensors
-            self._loop()
-
-    def _loop(self) -> None:
-        while True:
-            done, kv, hk, hv, start = self.queue.get()
-            try:
-                if self.error is None:  # after an error, the rest of the pass is dropped
-                    if done is not None:
-                        done.synchronize()
-                    write_kv(kv, hk, hv, start)
-            except BaseException as e:  # raised to the caller by its next submit or flush
-                self.error = e
-            finally:
-                del hk, hv  # the staging back to torch's pinned-memory cache
-                self.queue.task_done()
-
-
-writer = HostWriter()
-
-
 def finish_host_work(raise_errors: bool = True) -> None:
     """Every prompt key and value submitted so far is in its host cache and every queued host
     attention has run (the executor calls it at the end of each pass, so that nothing of the
@@ -239,20 +162,6 @@ def finish_host_work(raise_errors: bool = True) -> None:
 def _own_keys_only(mask: torch.Tensor, start: int) -> bool:
     """Whether no query may attend to a cache index before `start` (mask [B, 1, S, T])."""
     return start == 0 or not bool(mask[..., :start].any())  # one host sync
-
-
-def to_host(*xs: torch.Tensor, sync: bool = True) -> list[torch.Tensor]:
-    """Host copies of device tensors (pinned staging from torch's caching host allocator: cheap
-    after the first step), complete on return when `sync`, else stream-ordered; host tensors
-    as they are."""
-    if not xs[0].is_cuda:
-        return list(xs)
-    outs = [torch.empty(x.shape, dtype=x.dtype, pin_memory=True) for x in xs]
-    for o, x in zip(outs, xs, strict=True):
-        o.copy_(x, non_blocking=True)
-    if sync:
-        torch.cuda.current_stream(xs[0].device).synchronize()
-    return outs
 
 
 def attend_cached(
