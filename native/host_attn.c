@@ -265,6 +265,17 @@ static void *worker(void *arg) {
     return NULL;
 }
 
+/* Whether this CPU takes the AVX2 path (AVX2, FMA and F16C, asked at run time). */
+static int cpu_has_avx2(void) {
+#ifdef ZI_X86
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+           __builtin_cpu_supports("f16c");
+#else
+    return 0;
+#endif
+}
+
 /* decode()'s arguments into `j` (and its thread count); 0 with a Python error set on failure. */
 static int parse_job(PyObject *args, Job *j) {
     unsigned long long q, k, v, out, mask, k_new, v_new;
@@ -289,11 +300,7 @@ static int parse_job(PyObject *args, Job *j) {
     j->mask = (const char *)(uintptr_t)mask;
     j->k_new = (const char *)(uintptr_t)k_new;
     j->v_new = (const char *)(uintptr_t)v_new;
-#ifdef ZI_X86
-    __builtin_cpu_init();
-    j->simd = !portable && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-              __builtin_cpu_supports("f16c");
-#endif
+    j->simd = !portable && cpu_has_avx2();
     if (j->threads < 1) j->threads = 1;
     if (j->threads > j->B * j->Hkv) j->threads = (int)(j->B * j->Hkv > 0 ? j->B * j->Hkv : 1);
     return 1;
@@ -384,13 +391,7 @@ static PyObject *failures(PyObject *self, PyObject *args) {
 static PyObject *simd(PyObject *self, PyObject *args) {
     (void)self;
     (void)args;
-#ifdef ZI_X86
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-        __builtin_cpu_supports("f16c"))
-        return PyUnicode_FromString("avx2");
-#endif
-    return PyUnicode_FromString("portable");
+    return PyUnicode_FromString(cpu_has_avx2() ? "avx2" : "portable");
 }
 
 static PyMethodDef methods[] = {

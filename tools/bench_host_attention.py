@@ -23,20 +23,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from zeroinf.engine.kvcache import new_kv_cache  # noqa: E402
-from zeroinf.engine.probe import concurrent_with_h2d, measure_host_memory, seconds  # noqa: E402
-from zeroinf.models import ModelConfig  # noqa: E402
+from zeroinf.engine.probe import (  # noqa: E402
+    concurrent_with_h2d,
+    measure_h2d,
+    measure_host_memory,
+    random_host_cache,
+    seconds,
+)
 from zeroinf.models import host_attention as ha  # noqa: E402
 from zeroinf.models.base import LayerKV  # noqa: E402
 from zeroinf.models.host_attention import attend_cached, attend_host  # noqa: E402
 from zeroinf.models.host_transfer import to_host  # noqa: E402
 
 GB = 1e9
-
-
-def host_read_bytes_per_s(nbytes: int = 4 << 30) -> float:
-    x = torch.ones(nbytes // 4, dtype=torch.float32)
-    return nbytes / seconds(lambda: x.sum(), torch.device("cpu"), repeat=5)
 
 
 def host_copy_bytes_per_s(nbytes: int = 2 << 30) -> float:
@@ -50,21 +49,11 @@ def cache(
     b: int, h: int, t: int, d: int, dtype: torch.dtype, kv_dtype: str | None = None,
     small_pages: bool = False,
 ) -> LayerKV:  # fmt: skip
-    """A host cache of random entries (new_kv_cache's huge-page mapping, or torch.zeros' memory:
-    4 KiB pages where transparent huge pages are madvise-only)."""
-    cfg = ModelConfig(model_type="opt", num_layers=1, hidden_size=h * d, num_heads=h,
-                      num_kv_heads=h, head_dim=d, intermediate_size=1, vocab_size=1,
-                      max_positions=t, tie_embeddings=False, norm_eps=1e-5,
-                      act="relu")  # fmt: skip
-    kv = new_kv_cache(cfg, b, t, dtype, torch.device("cpu"), kv_dtype, host=True)[0]
+    """The probe's random host cache (new_kv_cache's huge-page mapping), or a copy of it in
+    torch's own memory (4 KiB pages where transparent huge pages are madvise-only)."""
+    kv = random_host_cache(b, h, t, d, dtype, kv_dtype)
     if small_pages:
-        kv = LayerKV(torch.zeros_like(kv.k), torch.zeros_like(kv.v), kv.k_scale, kv.v_scale, True)
-    for x in (kv.k, kv.v):
-        x.copy_(torch.randn(x.shape).to(x.dtype) if kv_dtype is None
-                else torch.randint_like(x, -127, 128))  # fmt: skip
-    for s in (kv.k_scale, kv.v_scale):
-        if s is not None:
-            s.fill_(0.01)
+        kv = LayerKV(kv.k.clone(), kv.v.clone(), kv.k_scale, kv.v_scale, True)
     return kv
 
 
@@ -142,7 +131,7 @@ def main() -> None:
     rows: list[tuple[str, float, str]] = []
     res: dict[str, float] = {"threads": torch.get_num_threads(), "cpus": os.cpu_count() or 0}
     print(f"torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}, flags: {flags}")
-    res["host_read"] = host_read_bytes_per_s()
+    res["host_read"] = measure_host_memory(torch.device("cpu"), 4 << 30)  # the CPU's reads alone
     rows.append(("host read (sum 4 GiB fp32)", res["host_read"] / GB, "GB/s"))
     res["host_copy"] = host_copy_bytes_per_s()
     rows.append(("host copy (read+write)", res["host_copy"] / GB, "GB/s"))
@@ -170,7 +159,7 @@ def main() -> None:
         variants = [v for v in variants if v[3] is None]
     if a.quick:
         variants = variants[:1]
-    print(f"native module: {native is not None}")
+    print(f"native module: {native is not None}" + (f", {native.simd()} path" if native else ""))
     run16 = None
     for name, dtype, kvd, mod, n, small, ahead in variants:
         ha.native = mod
@@ -187,13 +176,10 @@ def main() -> None:
             del run
     ha.native = native
     if torch.cuda.is_available() and run16 is not None:
-        host = torch.empty(1 << 30, dtype=torch.uint8, pin_memory=True)
-        dev = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-        h2d = (1 << 30) / seconds(lambda: dev.copy_(host, non_blocking=True), dev.device)
-        del host, dev
+        cuda = torch.device("cuda")
+        h2d = measure_h2d(cuda, 1 << 30)  # the probe's own figure
         res["h2d"] = h2d
         rows.append(("H2D alone (1 GiB pinned)", h2d / GB, "GB/s"))
-        cuda = torch.device("cuda")
         c_h2d, calls = concurrent_with_h2d(run16, cuda, 3.0)
         res["h2d_during_attn"] = c_h2d
         res["attn_fp16_during_h2d_gbps"] = calls * bytes16 / GB

@@ -202,11 +202,11 @@ def _host_decode_s(
 
 def _host_prefill_s(size: ModelSize, rates: Rates, rows: int, seq: int) -> float:
     """What a prefill chunk adds with the host KV tier: its keys and values (the model's dtype)
-    to the host, written into the cache there, and a host sync per layer."""
-    cfg = size.cfg
-    kv = 2 * rows * seq * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * size.itemsize
+    to the host, written into the cache there, and HOST_LAYER_S per layer (charged in full,
+    though the writer thread now takes the write off the device's path: docs/planner.md)."""
+    kv = size.cost.kv_bytes(rows, seq)  # the model's dtype: size.cost has no int8 vectors
     write = size.kv_token_bytes * rows * seq / _cpu_attn_rate(size, rates)
-    return kv / rates.d2h_bytes_per_s + write + cfg.num_layers * HOST_LAYER_S
+    return kv / rates.d2h_bytes_per_s + write + size.cfg.num_layers * HOST_LAYER_S
 
 
 def _cpu_attn_rate(size: ModelSize, rates: Rates) -> float:

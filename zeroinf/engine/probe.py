@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from zeroinf.models.base import LayerKV
 from zeroinf.sizes import ALIGN
 
 log = logging.getLogger("zeroinf")
@@ -182,16 +183,15 @@ def measure_h2d(device: torch.device, nbytes: int = 256 << 20) -> float:
     return measure_copy(device, nbytes)[0]
 
 
-def measure_cpu_attention(dtype: torch.dtype, large: bool, kv_dtype: str | None = None) -> float:
-    """Cache bytes/s that host attention (the "cpu" KV tier's own code,
-    models.host_attention.attend_cached) reads for one decode token per row: q [B, H, 1, D]
-    against a host cache of [B, H, T, D] keys and values in `dtype`, or int8 with scales."""
+def random_host_cache(
+    b: int, h: int, t: int, d: int, dtype: torch.dtype, kv_dtype: str | None = None
+) -> LayerKV:
+    """One layer's host ("cpu" tier) cache of [b, h, t, d] random keys and values in `dtype`, or
+    int8 with scales 0.01: what host attention is timed over (here, and by
+    tools/bench_host_attention.py)."""
     from zeroinf.engine.kvcache import new_kv_cache
     from zeroinf.models import ModelConfig
-    from zeroinf.models.host_attention import attend_cached
 
-    # 1 GiB of 16-bit cache in 1024 (row, head) tasks on a GPU machine: ~10 ms per call there
-    b, h, t, d = (32, 32, 2048, 128) if large else (2, 4, 512, 64)
     cfg = ModelConfig(model_type="llama", num_layers=1, hidden_size=h * d, num_heads=h,
                       num_kv_heads=h, head_dim=d, intermediate_size=1, vocab_size=1,
                       max_positions=t, tie_embeddings=False, norm_eps=1e-5,
@@ -206,6 +206,18 @@ def measure_cpu_attention(dtype: torch.dtype, large: bool, kv_dtype: str | None 
     for s in (kv.k_scale, kv.v_scale):
         if s is not None:
             s.fill_(0.01)
+    return kv
+
+
+def measure_cpu_attention(dtype: torch.dtype, large: bool, kv_dtype: str | None = None) -> float:
+    """Cache bytes/s that host attention (the "cpu" KV tier's own code,
+    models.host_attention.attend_cached) reads for one decode token per row: q [B, H, 1, D]
+    against a host cache of [B, H, T, D] keys and values in `dtype`, or int8 with scales."""
+    from zeroinf.models.host_attention import attend_cached
+
+    # 1 GiB of 16-bit cache in 1024 (row, head) tasks on a GPU machine: ~10 ms per call there
+    b, h, t, d = (32, 32, 2048, 128) if large else (2, 4, 512, 64)
+    kv = random_host_cache(b, h, t, d, dtype, kv_dtype)
     q = torch.randn(b, h, 1, d).to(dtype)
     mask = torch.ones(b, 1, 1, t, dtype=torch.bool)
     out = torch.empty(b, 1, h * d, dtype=dtype)

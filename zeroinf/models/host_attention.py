@@ -86,9 +86,8 @@ def attend_host(
         # whose predecessor's entries are masked) attends only over its own keys, which are on
         # the compute device already (and equal the cache's in the model's dtype): its S x S
         # attention runs there, on a GPU orders of magnitude faster than on the CPU; only the
-        # keys go to the host.
-        # keys only go to the host. Without a host sync: the writer thread puts them in the
-        # cache while the device goes on (flushed before the cache is read).
+        # keys go to the host, without a host sync: the writer thread puts them in the cache
+        # while the device goes on (flushed before the cache is read).
         writer.submit(kv, k, v, start)
         o = sdpa(q, k, v, mask[..., start:end], scale)  # [B, H, S, D]
         return o.transpose(1, 2).reshape(B, S, H * D)
@@ -107,7 +106,7 @@ def attend_host(
             if stream is not None:
                 stream.synchronize()  # the copies to the host are done
             write_kv(kv, hk, hv, start)
-            attend_cached(hq, kv, end, hmask, scale, out, fresh)
+            _attend_torch(hq, kv, end, hmask, scale, out, fresh)
     if not cuda:
         return out
     result = out.to(q.device, non_blocking=True)
@@ -176,10 +175,22 @@ def attend_cached(
     """out [B, S, H * D] = attention of host q [B, H, S, D] over cache indices 0 .. end-1 of
     the host cache, masked by mask [B, 1, S, end], in chunks of rows and kv heads. fresh: this
     step's k, v [B, Hkv, S, D] in place of the cache's last S indices (fresh_keys above)."""
+    if not native_decode(q, kv, end, mask, scale, out, fresh):
+        _attend_torch(q, kv, end, mask, scale, out, fresh)
+
+
+def _attend_torch(
+    q: torch.Tensor,
+    kv: LayerKV,
+    end: int,
+    mask: torch.Tensor,
+    scale: float,
+    out: torch.Tensor,
+    fresh: tuple[torch.Tensor, torch.Tensor] | None,
+) -> None:
+    """attend_cached with torch's SDPA, in chunks (what native_decode does not take)."""
     B, H, S, D = q.shape
     Hkv = kv.k.shape[1]
-    if native_decode(q, kv, end, mask, scale, out, fresh):
-        return
     n_rep = H // Hkv
     rows, heads = chunk_shape(B, Hkv, n_rep, S, end, D, q.element_size(), fresh is not None,
                               kv.quantized)  # fmt: skip

@@ -55,14 +55,12 @@ class HostWriter:
         """k, v [B, Hkv, S, D] (any device) into `kv` at indices start .. start+S-1, later."""
         self._raise()
         if k.is_cuda:  # copied on a side stream, beside the device's next computation
-            hk, hv = (torch.empty(x.shape, dtype=x.dtype, pin_memory=True) for x in (k, v))
             computed = torch.cuda.Event()
             computed.record()
             side = self.streams.setdefault(k.device, torch.cuda.Stream(k.device))
             with torch.cuda.stream(side):
                 side.wait_event(computed)
-                hk.copy_(k, non_blocking=True)
-                hv.copy_(v, non_blocking=True)
+                hk, hv = to_host(k, v, sync=False)
                 done: Any = torch.cuda.Event()
                 done.record(side)
             for x in (k, v):  # their memory is not reused before the side stream is done
