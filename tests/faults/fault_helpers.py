@@ -118,11 +118,21 @@ def child(prog: str, argv: list[str], log: str, env: dict[str, str], fsize: int 
         from zeroinf.cli.convert import main
     else:
         from zeroinf.cli.generate import main
+    finished = False
     try:
-        code = main(argv)
-    finally:
-        # the CLI is over: a signal now would hit multiprocessing's exit, not the CLI
+        try:
+            code = main(argv)
+            finished = True  # no signal check between the return and this store
+        finally:
+            # the CLI is over: a signal now would hit multiprocessing's exit, not the CLI
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except KeyboardInterrupt:
+        if not finished:
+            raise
+        # an interrupt that arrived as the CLI returned is handled at the next check, inside
+        # signal.signal above: the CLI had finished, and its exit status stands
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+    finally:
         sys.stdout.flush()
         sys.stderr.flush()
     raise SystemExit(code)
