@@ -26,6 +26,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #define ZI_X86 1
@@ -306,8 +307,20 @@ static int parse_job(PyObject *args, Job *j) {
     return 1;
 }
 
+/* Kernel calls and their wall time since stats() last read them: the benchmark divides a
+ * step's cache bytes by this time (the kernel's own rate inside a run) and sets it against the
+ * step's time (the rest is the device's work between attentions and waits for weights). */
+static int64_t stat_calls, stat_ns;
+
+static int64_t now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
 /* Every task of `j` on its threads (this one included); nonzero when memory ran out. */
 static int run_job(Job *j) {
+    int64_t t0 = now_ns();
     pthread_t *ids = (pthread_t *)calloc((size_t)j->threads, sizeof(pthread_t));
     if (!ids) return 1;
     int failed = 0, started = 0;
@@ -320,6 +333,8 @@ static int run_job(Job *j) {
         if (r) failed = 1;
     }
     free(ids);
+    __atomic_add_fetch(&stat_calls, 1, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&stat_ns, now_ns() - t0, __ATOMIC_RELAXED);
     return failed;
 }
 
@@ -388,6 +403,14 @@ static PyObject *failures(PyObject *self, PyObject *args) {
     return PyLong_FromLong(__atomic_exchange_n(&async_failures, 0, __ATOMIC_RELAXED));
 }
 
+static PyObject *stats(PyObject *self, PyObject *args) {
+    (void)self;
+    (void)args;
+    int64_t calls = __atomic_exchange_n(&stat_calls, 0, __ATOMIC_RELAXED);
+    int64_t ns = __atomic_exchange_n(&stat_ns, 0, __ATOMIC_RELAXED);
+    return Py_BuildValue("(Ld)", (long long)calls, (double)ns / 1e9);
+}
+
 static PyObject *simd(PyObject *self, PyObject *args) {
     (void)self;
     (void)args;
@@ -403,6 +426,8 @@ static PyMethodDef methods[] = {
      "decode_async(stream, args): decode(*args) as a host function queued in a CUDA stream"},
     {"failures", failures, METH_NOARGS,
      "how many queued decodes ran out of memory since the last call (and reset the count)"},
+    {"stats", stats, METH_NOARGS,
+     "(calls, seconds) of the kernel since the last call (and reset them)"},
     {"simd", simd, METH_NOARGS, "the vector path this CPU takes: 'avx2' or 'portable'"},
     {NULL, NULL, 0, NULL}};
 

@@ -2,7 +2,7 @@
 # One call on the GPU machine: build the native reader, check, and measure, stage by stage.
 #   bash tools/device_run.sh [STAGE ...]      (default: build models kernels io b32 b96 nvme)
 # Stages: build models kernels io gputest b32 b32t b96 b96m nvme ttft q30 q30e q30kv p30 p30kv
-#   p30c hattn profh prof refill mgpu (see docs/benchmarks.md).
+#   p30c hattn profh profhp prof refill mgpu (see docs/benchmarks.md).
 # Every stage's output goes to $OUT/all.log; JSON results to $OUT/*.json; a table comes last.
 set -u
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
@@ -69,6 +69,9 @@ print(write_shape('llama-2-7b', torch.float16, '$NVME'))"
     profh) run profh 400 env PYTHONPATH=. python tools/profile_bench.py --cpu --top 40 \
       --trace "$OUT/profh-trace.json" -- --model opt-30b --offload cpu --gpu-memory 24GiB \
       --batch-size auto --kv-tier cpu --prompt-len 512 --gen-len 8 ;;  # host KV tier, host side
+    profhp) run profhp 400 env PYTHONPATH=. python tools/profile_bench.py --top 25 -- --model opt-30b \
+      --offload cpu --gpu-memory 24GiB --batch-size auto --kv-tier cpu --prompt-len 512 \
+      --gen-len 2 ;;  # host KV tier: the device's kernels in the prefill
     hattn) run hattn 300 python tools/bench_host_attention.py --json "$OUT/hattn.json" ;;  # issue 7
     hattnq) run hattnq 200 python tools/bench_host_attention.py --quick --json "$OUT/hattnq.json" ;;
     refill) run refill 570 python tools/bench_refill.py --json "$OUT/refill.json" ;;  # issue 9, ~6.5 min
@@ -94,6 +97,6 @@ print(write_shape('llama-2-7b', torch.float16, '$NVME'))"
   esac
 done
 
-grep -E "^(zeroinf plan|  (device|resident|streamed|predicted|measured|prefill|decode|total|ratio))|tok/s|GB/s|PASS|FAIL|rel err|Error|error" "$LOG" | tail -n 80
+grep -E "^(zeroinf plan|  (device|resident|streamed|predicted|measured|prefill|decode|total|ratio))|tok/s|GB/s|time total|PASS|FAIL|rel err|Error|error" "$LOG" | tail -n 80
 echo "----- stages"
 cat "$OUT/summary.txt"

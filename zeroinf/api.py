@@ -73,7 +73,7 @@ class Model:
         return batch * tokens * kv_token_bytes(self.config, self.dtype.itemsize, self.kv_dtype)
 
     def _new_kv(self, batch: int, tokens: int) -> list[LayerKV]:
-        host = self.plan.kv_tier == "cpu"  # the host KV tier (models/host_attention.py)
+        host = self.plan.kv_host_layers(self.config.num_layers)  # models/host_attention.py
         return new_kv_cache(self.config, batch, tokens, self.dtype, self.device, self.kv_dtype,
                             host)  # fmt: skip
 
@@ -198,12 +198,14 @@ class Model:
         )
 
     def _check_kv_fits(self, batch: int, tokens: int) -> None:
-        if self.plan.kv_tier == "cpu":
-            _check_host_kv(self.kv_bytes(batch, tokens), batch, tokens)
+        layers = self.config.num_layers
+        on_host = len(self.plan.kv_host_layers(layers))
+        per_layer = self.kv_bytes(batch, tokens) // layers
+        if on_host:
+            _check_host_kv(per_layer * on_host, batch, tokens)
+        if self.device.type != "cuda" or on_host == layers:
             return
-        if self.device.type != "cuda":
-            return
-        need = self.kv_bytes(batch, tokens)
+        need = per_layer * (layers - on_host)
         free, _ = torch.cuda.mem_get_info(self.device)
         # blocks torch keeps cached (an earlier call's KV cache) are free for this one
         free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
@@ -255,7 +257,7 @@ def _check_host_kv(need: int, batch: int, tokens: int) -> None:
     if need > have:
         raise PlanError(
             f"KV cache for batch {batch} x {tokens} tokens needs {fmt_bytes(need)} of host "
-            f"memory (kv_tier='cpu'), but only {fmt_bytes(have)} is available; lower the batch"
+            f"memory (the host KV tier), but only {fmt_bytes(have)} is available; lower the batch"
         )
 
 
@@ -341,6 +343,7 @@ def load(
         plan = weights_plan(ckpt, budget, offload, prefetch, device, world, prefill_tokens, h2d)
         if batch_size is not None:  # the rows it serves, one micro-batch; the budget as above
             plan = dataclasses.replace(plan, micro_batch=batch_size)
+        check_kv_tier(kv_tier, planned=False)
         plan = dataclasses.replace(plan, kv_tier=kv_tier or "gpu")
     cpu_budget = parse_bytes(cpu_memory, "cpu_memory")
     host = plan.host_unit_bytes(per_rank=False) + plan.kv_host_bytes  # and a host KV cache

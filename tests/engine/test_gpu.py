@@ -89,7 +89,8 @@ def test_cuda_graphs_equal_eager(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 @pytest.mark.parametrize("family", ["llama", "opt"])
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_host_kv_tier_on_the_gpu(tmp_path: Path, family: str, dtype: str) -> None:
-    """The host KV tier on a GPU (pinned staging, the writer's side stream, the native kernel):
+    """The host KV tier on a GPU (pinned staging, the writer's side stream, the native kernel),
+    all layers' cache in host memory or the "split" tier's share:
     float32 tokens equal transformers' greedy generate (left padding, prefill in row chunks,
     micro-batches of 3 rows, a second call reusing the cache); float16 the device tier's, in
     all but the rare near-tie (at most one sequence may part ways)."""
@@ -100,8 +101,10 @@ def test_host_kv_tier_on_the_gpu(tmp_path: Path, family: str, dtype: str) -> Non
     mask[1, :4] = 0
     mask[5, :8] = 0
     outs = {}
-    for tier in ("cpu", "gpu"):
-        with zeroinf.load(ckpt, device="cuda", kv_tier=tier, prefill_tokens=18) as model:
+    planned = dict(batch_size="auto", prompt_len=9, max_new_tokens=12, max_batch_size=8)
+    for tier in ("cpu", "gpu", "split"):  # "split": the planner's layers on the device
+        kw = planned if tier == "split" else {}
+        with zeroinf.load(ckpt, device="cuda", kv_tier=tier, prefill_tokens=18, **kw) as model:
             assert model.plan.kv_tier == tier
             model.micro_batch = 3
             outs[tier] = model.generate(ids, attention_mask=mask, max_new_tokens=12)
@@ -114,8 +117,10 @@ def test_host_kv_tier_on_the_gpu(tmp_path: Path, family: str, dtype: str) -> Non
                 min_new_tokens=12, pad_token_id=0,
             ).cpu()  # fmt: skip
         torch.testing.assert_close(outs["cpu"], ref, rtol=0, atol=0)
+        torch.testing.assert_close(outs["split"], ref, rtol=0, atol=0)
     else:
         assert (outs["cpu"] != outs["gpu"]).any(1).sum() <= 1
+        assert (outs["split"] != outs["gpu"]).any(1).sum() <= 1
 
 
 @pytest.mark.parametrize("inference", [False, True])

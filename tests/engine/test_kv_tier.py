@@ -13,6 +13,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -32,7 +33,7 @@ from zeroinf.engine.costmodel import (
     workspace_bytes,
 )
 from zeroinf.engine.kvcache import kv_token_bytes, new_kv_cache
-from zeroinf.engine.plan import make_plan
+from zeroinf.engine.plan import KV_TIERS, make_plan
 from zeroinf.engine.probe import Rates
 from zeroinf.engine.roofline import ModelCost
 from zeroinf.errors import ConfigError, PlanError
@@ -41,6 +42,7 @@ from zeroinf.models import host_attention as ha
 from zeroinf.models.base import build_context
 from zeroinf.models.layers import attend
 from zeroinf.sizes import align_up
+from zeroinf.synthetic import SHAPES
 from zeroinf.tiny import save_tiny_hf, tiny_prompts
 
 NEW = 6
@@ -80,6 +82,38 @@ def test_host_tier_equals_device_tier_and_transformers(tmp_path: Path, name: str
                            do_sample=False, pad_token_id=0)  # fmt: skip
     for got in _tokens(path, "cpu") + _tokens(path, "gpu"):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kv_dtype", [None, "int8"])
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_split_tier_equals_transformers(tmp_path: Path, family: str, kv_dtype: str | None) -> None:
+    """The "split" tier: the planner's layers keep their cache on the device, the others in
+    host memory (attention on the CPU); the tokens are transformers' (float32), and an int8
+    cache's equal the device tier's."""
+    save_tiny_hf(tmp_path / "hf", family, seed=5)
+    path = convert(tmp_path / "hf", tmp_path / "zi", progress=False)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    ids, mask = tiny_prompts(64)
+    with torch.no_grad():
+        want = hf.generate(ids, attention_mask=mask, max_new_tokens=NEW, min_new_tokens=NEW,
+                           do_sample=False, pad_token_id=0)  # fmt: skip
+    if kv_dtype:
+        want = _tokens(path, "gpu", kv_dtype)[0]
+    kw = dict(device="cpu", gpu_memory="64MiB", batch_size="auto", prompt_len=7,
+              max_new_tokens=NEW, max_batch_size=4, kv_dtype=kv_dtype)  # fmt: skip
+    with zeroinf.load(path, kv_tier="split", **kw) as model:
+        plan, layers = model.plan, model.config.num_layers
+        assert plan.kv_tier == "split" and 0 < len(plan.kv_device_layers) < layers
+        host = [c.host for c in model._new_kv(1, 2)]
+        assert host == [i not in plan.kv_device_layers for i in range(layers)]
+        per_layer = model.kv_bytes(plan.batch, 7 + NEW) // layers
+        assert plan.kv_bytes == per_layer * len(plan.kv_device_layers)
+        assert plan.kv_host_bytes == per_layer * (layers - len(plan.kv_device_layers))
+        assert f"the cache of layers {plan.kv_device_layers[0]}" in str(plan)
+        for rows in (None, 2):
+            model.micro_batch = rows
+            got = model.generate(ids, attention_mask=mask, max_new_tokens=NEW)
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("family", ["llama", "opt"])
@@ -131,7 +165,7 @@ def test_host_attention_equals_device_attention(
     B, T, D = 3, 16, 16
     g = torch.Generator().manual_seed(0)
     dev_kv = new_kv_cache(cfg, B, T, torch.float32, torch.device("cpu"), kv_dtype)[0]
-    host_kv = new_kv_cache(cfg, B, T, torch.float32, torch.device("cpu"), kv_dtype, host=True)[0]
+    host_kv = new_kv_cache(cfg, B, T, torch.float32, torch.device("cpu"), kv_dtype, (0,))[0]
     am = torch.ones(B, T, dtype=torch.long)
     am[1, :2] = 0
     steps = [build_context(am, 0, 5), build_context(am, 5, 3)]
@@ -187,6 +221,12 @@ def test_errors(tmp_path: Path) -> None:
         choose_plan(_size(), FAST_CPU, Workload(8, 4), Budgets(1 << 30), "cuda:0", kv_tiers=("x",))
     with pytest.raises(SystemExit):
         bench.parse_args(["--kv-tier", "disk"])
+    with pytest.raises(ConfigError, match="kv_tier='split' needs batch_size='auto'"):
+        zeroinf.load(path, device="cpu", kv_tier="split")
+    with pytest.raises(PlanError, match="the 'split' tier, and only it, names the layers"):
+        dataclasses.replace(plan, kv_tier="split")
+    with pytest.raises(PlanError, match="the 'split' tier, and only it, names the layers"):
+        dataclasses.replace(plan, kv_tier="cpu", kv_device_layers=(0,))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,6 +317,54 @@ def test_host_decode_shares_host_memory_with_the_stream() -> None:
     assert predict(plan, size, narrow, work, 8) == predict(plan, size, FAST_CPU, work, 8)
 
 
+def test_host_attention_and_the_stream_slow_each_other() -> None:
+    """Both start together, each at its rate beside the other while both run, then alone."""
+    r = dataclasses.replace(FAST_CPU, cpu_attn_bytes_per_s=10, h2d_bytes_per_s=10,
+                            cpu_attn_h2d_bytes_per_s=5, h2d_cpu_attn_bytes_per_s=6)  # fmt: skip
+    # 30 link bytes at 6/s: 5 s together, the CPU has 100 - 25 left at 10/s
+    assert costmodel._beside(100.0, 30.0, 10.0, 10.0, r) == pytest.approx((12.5, 5.0))
+    # 10 CPU bytes at 5/s: 2 s together, the link has 30 - 12 left at 10/s
+    assert costmodel._beside(10.0, 30.0, 10.0, 10.0, r) == pytest.approx((2.0, 3.8))
+    # unmeasured: neither slows the other
+    assert costmodel._beside(100.0, 30.0, 10.0, 10.0, FAST_CPU) == pytest.approx((10.0, 3.0))
+
+
+def test_planner_splits_opt_30b_on_the_h100_machine() -> None:
+    """OPT-30B fp16 in a 24 GiB budget, batch up to 96, with the rates measured on the H100
+    machine (2026-11-24, docs/benchmarks.md): the CPU's attention over the whole cache (72 GB
+    per step at ~60 GB/s) outlasts the link's 37.7 GB, so the planner moves some layers' cache
+    to the device, streamed layers, spread out, and predicts more tokens/s than all on host."""
+    layers, hidden, ffn, vocab = 48, 7168, 28672, 50272
+    cfg = ModelConfig(model_type="opt", num_layers=layers, hidden_size=hidden, num_heads=56,
+                      num_kv_heads=56, head_dim=128, vocab_size=vocab, max_positions=2048,
+                      tie_embeddings=True, intermediate_size=ffn, act="relu",
+                      norm_eps=1e-5)  # fmt: skip
+    params = 4 * hidden * hidden + 2 * hidden * ffn
+    units = (
+        ("embed", align_up(2 * vocab * hidden)),
+        *((f"layers.{i}", align_up(2 * params)) for i in range(layers)),
+        ("head", 4096),
+    )
+    cost = ModelCost(weight_bytes=sum(nb for _, nb in units), matmul_params=layers * params,
+                     head_params=vocab * hidden, layers=layers, heads=56, kv_heads=56,
+                     head_dim=128, itemsize=2)  # fmt: skip
+    size = ModelSize(units, cost, cfg, 2, kv_token_bytes(cfg, 2, None), None,
+                     (("embed", 2 * vocab * hidden),))  # fmt: skip
+    rates = Rates("H100", flops=756e12, hbm_bytes_per_s=3.0e12, h2d_bytes_per_s=54.6e9,
+                  d2h_bytes_per_s=55e9, cpu_attn_bytes_per_s=65e9,
+                  host_memory_bytes_per_s=114e9, cpu_attn_h2d_bytes_per_s=56.6e9,
+                  h2d_cpu_attn_bytes_per_s=44.9e9)  # fmt: skip
+    work, budgets = Workload(512, 32, max_batch=96), Budgets(24 << 30, host=110 << 30)
+    plan = choose_plan(size, rates, work, budgets, "cuda:0")
+    on_host = choose_plan(size, rates, work, budgets, "cuda:0", kv_tiers=("cpu",))
+    assert plan.kv_tier == "split" and plan.predicted_tok_s > on_host.predicted_tok_s
+    streamed = {int(p.unit[7:]) for p in plan.streamed if p.unit.startswith("layers.")}
+    assert set(plan.kv_device_layers) <= streamed
+    gaps = np.diff(plan.kv_device_layers)
+    assert gaps.max() - gaps.min() <= 3  # spread over the pass
+    assert plan.gpu_bytes <= budgets.gpu
+
+
 @st.composite
 def _models(draw: st.DrawFn) -> ModelSize:
     kv_heads = draw(st.sampled_from([1, 2, 4]))
@@ -290,11 +378,12 @@ def _models(draw: st.DrawFn) -> ModelSize:
 
 @settings(max_examples=150, deadline=None)
 @given(_models(), st.builds(Rates, st.just("random"), *(st.floats(1e8, 1e15) for _ in range(5)),
-                            st.none(), st.floats(1e8, 1e15)),
+                            st.none(), st.floats(1e8, 1e15), st.none() | st.floats(1e8, 1e15),
+                            st.none() | st.floats(1e8, 1e15), st.none() | st.floats(1e8, 1e15)),
        st.integers(1, 1024), st.integers(1, 64), st.floats(0.1, 3), st.none() | st.floats(0, 3),
        st.floats(0, 3), st.sampled_from(["cpu", "nvme"]),
-       st.sampled_from([None, ("cpu",), ("gpu", "cpu")]))  # fmt: skip
-def test_plans_of_both_tiers_fit_every_budget(
+       st.sampled_from([None, ("cpu",), ("split",), ("gpu", "cpu")]))  # fmt: skip
+def test_plans_of_every_tier_fit_every_budget(
     size: ModelSize, r: Rates, prompt: int, gen: int, scale: float, cpu_scale: float | None,
     host_scale: float, offload: str, tiers: tuple[str, ...] | None,
 ) -> None:  # fmt: skip
@@ -308,14 +397,19 @@ def test_plans_of_both_tiers_fit_every_budget(
         plan = choose_plan(size, r, work, budgets, "cuda:0", kv_tiers=tiers)
     except PlanError:
         # the search missed nothing: not even one row with one slot fits, on any tier tried
-        for tier in tiers or ("gpu", "cpu"):
-            with pytest.raises(PlanError):
-                costmodel._fit(size, work, budgets, "cuda:0", 1, 1, 1, tier)
+        for tier in tiers or KV_TIERS:
+            for n in costmodel._device_layer_counts(tier, size.cfg.num_layers):
+                with pytest.raises(PlanError):
+                    costmodel._fit(size, work, budgets, "cuda:0", 1, 1, 1, tier, n)
         return
     kv = plan.batch * (prompt + gen) * size.kv_token_bytes
-    assert plan.kv_tier in (tiers or ("gpu", "cpu"))
+    layers = size.cfg.num_layers
+    on_device = {"gpu": layers, "cpu": 0, "split": len(plan.kv_device_layers)}[plan.kv_tier]
+    assert plan.kv_tier in (tiers or KV_TIERS)
     assert plan.gpu_bytes <= gpu
-    assert (plan.kv_bytes, plan.kv_host_bytes) == ((kv, 0) if plan.kv_tier == "gpu" else (0, kv))
+    assert (plan.kv_bytes, plan.kv_host_bytes) == (kv // layers * on_device,
+                                                   kv // layers * (layers - on_device))  # fmt: skip
+    assert len(plan.kv_host_layers(layers)) == layers - on_device
     pinned = plan.streamed_bytes if offload == "cpu" else 0
     assert pinned + plan.kv_host_bytes <= host
     if cpu is not None:
@@ -348,6 +442,14 @@ def test_bench_kv_tier(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     r = json.loads(out.read_text())
     assert r["kv_tier"] == "cpu" and r["total_tok_per_s"] > 0 and "prediction_error" in r
     assert "on cpu" in capsys.readouterr().out
+    # The timed call's host work: the prompt's keys and values through the writer thread (the
+    # cache's first 8 of 11 positions), and one kernel call per layer and decode step.
+    h = r["host_attention"]
+    assert h["writer_bytes"] == r["kv_bytes"] * 8 // 11 and h["writer_s"] > 0
+    if ha.native is not None:
+        layers = SHAPES["tiny-llama"]["num_hidden_layers"]
+        assert h["kernel_calls"] == 2 * layers and h["kernel_s"] > 0
+        assert h["kernel_s_per_step"] == pytest.approx(h["kernel_s"] / 2)
 
 
 @pytest.mark.gpu

@@ -147,17 +147,17 @@ def test_roofline_with_the_cache_in_host_memory() -> None:
     cost = ModelCost.from_manifest(Manifest("float16", cfg, units))
     per_position = 2 * 2 * 4 * 2  # keys and values x 2 kv heads x head_dim 4 x fp16, one layer
     assert cost.kv_bytes(3, 5) == 3 * 5 * per_position
-    assert cost.pass_hbm_bytes(3, 5, kv_on_host=True) == cost.weight_bytes
+    assert cost.pass_hbm_bytes(3, 5, kv_host_share=1.0) == cost.weight_bytes
     assert cost.pass_host_bytes(3, 1, 5) == 3 * 6 * per_position  # reads 5, writes 1
     assert cost.pass_host_bytes(3, 4, 4) == 3 * 4 * per_position  # a prompt: writes only
     m = Machine(stream_bytes_per_s=1e12, flops=1e18, hbm_bytes_per_s=1e18, host_bytes_per_s=100.0,
                 d2h_bytes_per_s=1e18)  # fmt: skip
-    pre, dec = roofline_seconds(cost, 200, m, batch=3, prompt=4, new=3, kv_on_host=True)
+    pre, dec = roofline_seconds(cost, 200, m, batch=3, prompt=4, new=3, kv_host_share=1.0)
     assert pre == pytest.approx((3 * 4 * per_position + 200) / 100)
     steps = [3 * (4 + i + 1 + 1) * per_position + 200 for i in range(2)]  # contexts 5 and 6
     assert dec == pytest.approx(sum(steps) / 100)
     slow_d2h = dataclasses.replace(m, host_bytes_per_s=None, d2h_bytes_per_s=1.0)
-    pre, _ = roofline_seconds(cost, 200, slow_d2h, batch=3, prompt=4, new=1, kv_on_host=True)
+    pre, _ = roofline_seconds(cost, 200, slow_d2h, batch=3, prompt=4, new=1, kv_host_share=1.0)
     assert pre == pytest.approx(3 * 4 * per_position)
     on_device, _ = roofline_seconds(cost, 200, m, batch=3, prompt=4, new=1)
     assert on_device == pytest.approx(200 / 1e12)  # neither term without the host tier

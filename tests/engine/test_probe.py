@@ -13,10 +13,19 @@ import pytest
 import torch
 
 from zeroinf.engine import probe as probe_mod
-from zeroinf.engine.probe import Rates, cache_path, measure, measure_disk, probe
+from zeroinf.engine.probe import (
+    Rates,
+    cache_path,
+    measure,
+    measure_cpu_attention_with_h2d,
+    measure_disk,
+    probe,
+)
 
 CPU = torch.device("cpu")
 FAKE = Rates("fake", 1e12, 2e12, 3e10, 3e10, 1e10)
+# Every optional field set, so a round trip through the cache covers them all
+FULL = Rates("full", 1e12, 2e12, 3e10, 3e10, 1e10, 5e9, 8e9, 6e10, 7e9, 2e10)
 
 
 @pytest.fixture
@@ -42,6 +51,17 @@ def test_second_call_reads_the_cache(counted: list, caplog: pytest.LogCaptureFix
     assert f"using cached probe from {cache_path()}" in caplog.text
 
 
+def test_every_field_round_trips(
+    counted: list, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(probe_mod, "measure", lambda *args: FULL)
+    with caplog.at_level(logging.INFO, logger="zeroinf"):
+        assert probe(CPU, 64, 128, torch.float16) == FULL
+        assert "CPU attention beside H2D 7.0 GB/s, H2D beside it 20.0 GB/s" in caplog.text
+        assert probe(CPU, 64, 128, torch.float16) == FULL  # read back from the cache
+    assert "using cached probe" in caplog.text
+
+
 def test_key_holds_dtype_and_shape(counted: list) -> None:
     probe(CPU, 64, 128, torch.float16)
     probe(CPU, 64, 128, torch.bfloat16)
@@ -59,7 +79,14 @@ def test_refresh_measures_again(counted: list) -> None:
 
 
 @pytest.mark.parametrize(
-    "text", ["{not json", "[]", '{"format": "other"}', '{"format": "zeroinf-probe/1"}']
+    "text",
+    [
+        "{not json",
+        "[]",
+        '{"format": "other"}',
+        '{"format": "zeroinf-probe/1"}',
+        '{"format": "zeroinf-probe/3", "entries": {}}',
+    ],
 )
 def test_corrupt_cache_is_measured_over(
     counted: list, caplog: pytest.LogCaptureFixture, text: str
@@ -91,6 +118,7 @@ def test_measure_on_cpu_gives_positive_rates(tmp_path: Path) -> None:
     values = [r.flops, r.hbm_bytes_per_s, r.h2d_bytes_per_s, r.d2h_bytes_per_s,
               r.cpu_attn_bytes_per_s, r.disk_bytes_per_s]  # fmt: skip
     assert all(v > 0 and math.isfinite(v) for v in values)
+    assert r.cpu_attn_h2d_bytes_per_s is None and r.h2d_cpu_attn_bytes_per_s is None  # GPU only
     assert r.stream_bytes_per_s("cpu") == r.h2d_bytes_per_s
     assert r.stream_bytes_per_s("nvme") == min(r.disk_bytes_per_s, r.h2d_bytes_per_s)
 
@@ -101,3 +129,10 @@ def test_measure_disk_needs_a_file(tmp_path: Path) -> None:
     (tmp_path / "small").write_bytes(b"x" * 100)  # under one 4096-byte block
     with pytest.raises(ConfigError, match="no file of 4096 bytes"):
         measure_disk(tmp_path, "threadpool")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cpu_attention_with_h2d_gives_positive_rates() -> None:
+    attn, h2d = measure_cpu_attention_with_h2d(torch.device("cuda"), torch.float16, 0.3)
+    assert attn > 0 and h2d > 0 and math.isfinite(attn) and math.isfinite(h2d)

@@ -60,9 +60,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--group-size", type=int, default=64, help="with --quantize")
     p.add_argument("--quantize-head", action="store_true", help="with --quantize: the LM head too")
     p.add_argument("--kv-dtype", choices=("int8",), help="KV cache stored as int8 (lossy)")
-    p.add_argument("--kv-tier", choices=("gpu", "cpu"),
-                   help="where the KV cache lives: gpu, or cpu (host memory, attention on the "
-                   "CPU); default: the planner's with --batch-size auto, else gpu")  # fmt: skip
+    p.add_argument("--kv-tier", choices=("gpu", "cpu", "split"),
+                   help="where the KV cache lives: gpu, cpu (host memory, attention on the "
+                   "CPU), or split (the planner's layers on each, with --batch-size auto); "
+                   "default: the planner's with --batch-size auto, else gpu")  # fmt: skip
     p.add_argument("--plot", help="draw tok/s and the roofline against batch size into this PNG")
     a = p.parse_args(argv)
     a.auto = a.batch_size == "auto"
@@ -179,6 +180,7 @@ def bench_plan(
     from zeroinf.api import weights_plan
     from zeroinf.engine.autoplan import auto_plan
     from zeroinf.engine.costmodel import Budgets, Workload
+    from zeroinf.engine.kvcache import check_kv_tier
 
     budget = parse_bytes(a.gpu_memory, "--gpu-memory")
     if a.auto:
@@ -187,7 +189,7 @@ def bench_plan(
         return auto_plan(ckpt, device, work, budgets, a.kv_dtype, rates=rates, kv_tier=a.kv_tier)
     plan = weights_plan(ckpt, budget, a.offload, a.prefetch, device, world, a.prefill_tokens,
                         rates.h2d_bytes_per_s)  # fmt: skip
-    plan = replace(plan, kv_tier=a.kv_tier or "gpu")
+    plan = replace(plan, kv_tier=check_kv_tier(a.kv_tier, planned=False) or "gpu")
     if a.micro_batch:
         b = max(a.batch_sizes)
         if b % a.micro_batch:
@@ -223,8 +225,9 @@ def plan_only(
         "gpu_bytes": plan.gpu_bytes, "resident_bytes": plan.resident_bytes,
         "streamed_bytes_per_pass": plan.streamed_bytes, "kv_bytes": plan.kv_bytes,
         "kv_tier": plan.kv_tier, "kv_host_bytes": plan.kv_host_bytes,
-        "measured": dataclasses.asdict(rates), "predicted_prefill_s": pred.prefill_s,
-        "predicted_step_s": pred.step_s, "predicted_tok_per_s": pred.tok_s,
+        "kv_device_layers": list(plan.kv_device_layers), "measured": dataclasses.asdict(rates),
+        "predicted_prefill_s": pred.prefill_s, "predicted_step_s": pred.step_s,
+        "predicted_tok_per_s": pred.tok_s,
     }  # fmt: skip
 
 
@@ -261,8 +264,14 @@ def measure(
         drop_page_cache()
     if a.trace and device.type == "cuda":
         model.prefetcher.copy_events = []
+    host_tier = model.plan.kv_tier != "gpu"  # "cpu" or "split": host attention runs
+    if host_tier:
+        from zeroinf.models.host_attention import take_stats
+
+        take_stats()  # from here on: the timed call's
     model.generate(ids, max_new_tokens=a.gen_len)
     st = model.last_stats
+    host_stats = take_stats() if host_tier else None
     profile = model.prefetcher.copy_profile() if a.trace and device.type == "cuda" else {}
     plan = model.plan
     if device.type == "cuda":  # H2D is noisy on a shared host: measure again, count the faster
@@ -270,7 +279,7 @@ def measure(
 
         mach["h2d_bytes_per_s_after"] = measure_h2d(device, nbytes=512 << 20)
         mach["h2d_bytes_per_s"] = max(mach["h2d_bytes_per_s"], mach["h2d_bytes_per_s_after"])
-        if plan.kv_tier == "cpu":  # the host memory term of the roofline: the same rule
+        if plan.kv_tier != "gpu":  # the host memory term of the roofline: the same rule
             from zeroinf.engine.probe import measure_host_memory
 
             after = measure_host_memory(device, 1 << 30, 2.0)
@@ -295,7 +304,7 @@ def measure(
         batch,
         a.prompt_len,
         st.new_tokens,
-        kv_on_host=plan.kv_tier == "cpu",
+        kv_host_share=len(plan.kv_host_layers(cost.layers)) / cost.layers,
     )
     roof_tps = batch * st.new_tokens / (pre_floor + dec_floor)
     steps = max(1, st.new_tokens - 1)
@@ -331,9 +340,16 @@ def measure(
         "host_pass_s": model.executor.host_pass_s,
         "first_call_tok_per_s": first.tokens_per_s, "first_call_decode_s": first.decode_s,
         "kv_dtype": a.kv_dtype or a.dtype, "kv_tier": plan.kv_tier,
+        "kv_device_layers": list(plan.kv_device_layers),
         "cuda_graphs_captured_replayed": model.executor.graph_counts,
         "kv_bytes": model.kv_bytes(batch, a.prompt_len + a.gen_len),
     }  # fmt: skip
+    if host_stats is not None:  # where a host tier's step goes: the kernel's share, its rate
+        read = sum(cost.kv_bytes(batch, a.prompt_len + i + 1) for i in range(steps))
+        host_stats["kernel_s_per_step"] = host_stats["kernel_s"] / steps
+        host_stats["kernel_bytes_per_s"] = read / host_stats["kernel_s"] if host_stats[
+            "kernel_s"] else None  # fmt: skip
+        res["host_attention"] = host_stats
     if device.type == "cuda":
         res["max_memory_allocated"] = torch.cuda.max_memory_allocated(device)
     return res
@@ -367,6 +383,13 @@ def print_table(r: dict[str, Any]) -> None:
             f"{cp['decode_idle_s']:.3f} s, most before {cp['decode_idle_before']}"
         )
         print(f"  host time per decode pass {r['host_pass_s'] * 1e3:.1f} ms")
+    h = r.get("host_attention")
+    if h and h["kernel_calls"]:
+        print(
+            f"  host attention: {h['kernel_s_per_step']:.3f} s of each decode step in the kernel "
+            f"({h['kernel_bytes_per_s'] / GB:.1f} GB/s of cache read); prompt keys written in "
+            f"{h['writer_s']:.2f} s ({h['writer_bytes'] / GB:.1f} GB)"
+        )
     print(
         f"\n{r['model']} {r['dtype']} on {r['device_name']} ({r['date']}), offload "
         f"{r['offload']}, batch {r['batch']}, prompt {r['prompt_len']}, gen {r['gen_len']}"

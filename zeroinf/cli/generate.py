@@ -91,10 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--kv-dtype", choices=("int8",),
                    help="store the KV cache as int8 (about half the bytes: larger batches; "
                    "lossy, so off by default)")  # fmt: skip
-    m.add_argument("--kv-tier", choices=("gpu", "cpu"),
-                   help="where the KV cache lives: gpu, or cpu (host memory: larger batches, "
-                   "attention on the CPU); default: the planner's choice with --batch-size "
-                   "auto, else gpu")  # fmt: skip
+    m.add_argument("--kv-tier", choices=("gpu", "cpu", "split"),
+                   help="where the KV cache lives: gpu, cpu (host memory: larger batches, "
+                   "attention on the CPU), or split (the planner's layers on each, with "
+                   "--batch-size auto); default: the planner's choice with --batch-size auto, "
+                   "else gpu")  # fmt: skip
     g = p.add_argument_group("generation (a record's own fields override these)")
     g.add_argument("--batch-size", type=_batch_size, default="auto",
                    help="records per batch, or 'auto' (default): the planner's batch for the "

@@ -179,34 +179,52 @@ def _compute_s(
     return flops / rates.flops + hbm / rates.hbm_bytes_per_s + len(size.units) * LAUNCH_S
 
 
-def _host_decode_s(
-    size: ModelSize, rates: Rates, rows: int, ctx: np.ndarray | int
+def _host_device_s(
+    size: ModelSize, rates: Rates, rows: int, ctx: np.ndarray | int, host_share: float
 ) -> np.ndarray | float:
-    """Seconds of one decode micro-batch with the host KV tier: the device's part without the
-    KV read and the attention FLOPs (pass_flops at context 0 has none for one token), and the
-    host's part that the device waits for in every layer."""
-    act = ACT_TRAFFIC * act_token_bytes(size.cfg, size.itemsize) * rows * size.cfg.num_layers
+    """Device-side seconds of one decode micro-batch with `host_share` of the layers' caches in
+    host memory: the device's compute without those layers' KV reads and attention FLOPs, and
+    per host layer the copies of q, k, v down and the output up, and HOST_LAYER_S."""
+    cfg = size.cfg
+    act = ACT_TRAFFIC * act_token_bytes(cfg, size.itemsize) * rows * cfg.num_layers
+    attn_flops = size.cost.pass_flops(rows, 1, ctx) - size.cost.pass_flops(rows, 1, 0)
+    device_kv = size.kv_token_bytes * rows * ctx * (1 - host_share)  # the device layers' cache
     device = (
-        size.cost.pass_flops(rows, 1, 0) / rates.flops
-        + (size.weight_bytes + act) / rates.hbm_bytes_per_s
+        (size.cost.pass_flops(rows, 1, 0) + attn_flops * (1 - host_share)) / rates.flops
+        + (size.weight_bytes + act + device_kv) / rates.hbm_bytes_per_s
         + len(size.units) * LAUNCH_S
     )
-    cfg = size.cfg
-    vec = rows * cfg.num_layers * cfg.head_dim * size.itemsize  # one head's vector, all layers
+    host_layers = cfg.num_layers * host_share
+    vec = rows * host_layers * cfg.head_dim * size.itemsize  # one head's vector, host layers
     copies = vec * (cfg.num_heads + 2 * cfg.num_kv_heads) / rates.d2h_bytes_per_s + (
         vec * cfg.num_heads / rates.h2d_bytes_per_s
     )  # q, k, v down; o up
-    attention = size.kv_token_bytes * rows * ctx / _cpu_attn_rate(size, rates)
-    return device + copies + attention + cfg.num_layers * HOST_LAYER_S
+    return device + copies + host_layers * HOST_LAYER_S
 
 
-def _host_prefill_s(size: ModelSize, rates: Rates, rows: int, seq: int) -> float:
-    """What a prefill chunk adds with the host KV tier: its keys and values (the model's dtype)
-    to the host, written into the cache there, and HOST_LAYER_S per layer (charged in full,
-    though the writer thread now takes the write off the device's path: docs/planner.md)."""
-    kv = size.cost.kv_bytes(rows, seq)  # the model's dtype: size.cost has no int8 vectors
-    write = size.kv_token_bytes * rows * seq / _cpu_attn_rate(size, rates)
-    return kv / rates.d2h_bytes_per_s + write + size.cfg.num_layers * HOST_LAYER_S
+def _beside(
+    cpu_bytes: np.ndarray | float, link_bytes: float, cpu_rate: float, link_rate: float,
+    rates: Rates,
+) -> tuple[np.ndarray | float, np.ndarray | float]:  # fmt: skip
+    """(seconds until the CPU's attention has read cpu_bytes, until the link has copied
+    link_bytes), both starting together: each at its rate beside the other (the probe measures
+    both at once: each slows the other) while both run, then at its own rate alone."""
+    slow_cpu = slow_link = 1.0
+    if rates.cpu_attn_h2d_bytes_per_s and rates.h2d_cpu_attn_bytes_per_s:
+        slow_cpu = min(1.0, rates.cpu_attn_h2d_bytes_per_s / rates.cpu_attn_bytes_per_s)
+        slow_link = min(1.0, rates.h2d_cpu_attn_bytes_per_s / rates.h2d_bytes_per_s)
+    both = np.minimum(cpu_bytes / (cpu_rate * slow_cpu), link_bytes / (link_rate * slow_link))
+    cpu_s = both + (cpu_bytes - both * cpu_rate * slow_cpu) / cpu_rate
+    link_s = both + (link_bytes - both * link_rate * slow_link) / link_rate
+    return cpu_s, link_s
+
+
+def _host_prefill_s(size: ModelSize, rates: Rates, rows: int, seq: int, host_share: float) -> float:
+    """What a prefill chunk's host layers add on the device's path: HOST_LAYER_S each. Their keys
+    and values go down on a side stream and into the cache from the writer thread, beside the
+    device's compute (predict counts the D2H as a floor of the pass; the thread wrote OPT-30B's
+    67.6 GB at batch 96 in 3.3 s against 5.2 s of prefill on the H100 machine, 2026-11-24)."""
+    return size.cfg.num_layers * host_share * HOST_LAYER_S
 
 
 def _cpu_attn_rate(size: ModelSize, rates: Rates) -> float:
@@ -228,37 +246,50 @@ def predict(
     (None: all at once), the prefill in chunks of work.prefill_tokens tokens, the KV cache in
     plan.kv_tier."""
     p, g = work.prompt_len, work.gen_len
-    stream = plan.rank_streamed_bytes / rates.stream_bytes_per_s(plan.offload)
+    link_rate = rates.stream_bytes_per_s(plan.offload)
+    stream = plan.rank_streamed_bytes / link_rate
     share = plan.streamed_bytes / max(1, size.weight_bytes)
-    host = plan.kv_tier == "cpu"
+    layers = size.cfg.num_layers
+    host_share = len(plan.kv_host_layers(layers)) / layers  # of the cache, in host memory
+    host_rate = rates.host_memory_bytes_per_s if host_share else None
 
-    host_rate = rates.host_memory_bytes_per_s if host else None
-
-    def pass_s(compute: np.ndarray | float, positions: np.ndarray | int) -> np.ndarray | float:
-        """A pass whose host KV tier moves `positions` positions of every row's cache through
-        host memory (read or written)."""
-        over = np.maximum(stream, compute)
+    def pass_s(
+        compute: np.ndarray | float, positions: np.ndarray | int, link: np.ndarray | float = stream
+    ) -> np.ndarray | float:
+        """A pass of `compute` device seconds whose copies take `link` seconds, and whose host KV
+        tier moves `positions` positions of every row's cache through host memory (read or
+        written)."""
+        over = np.maximum(link, compute)
         if plan.prefetch == 1:
-            over = np.maximum(stream + share * compute, compute)
+            over = np.maximum(link + share * compute, compute)
         if host_rate:  # the cache's and the streamed weights' bytes share host memory
-            host_bytes = size.kv_token_bytes * batch * positions + plan.rank_streamed_bytes
-            over = np.maximum(over, host_bytes / host_rate)
+            cache = size.kv_token_bytes * host_share * batch * positions
+            over = np.maximum(over, (cache + plan.rank_streamed_bytes) / host_rate)
         return over + PASS_OVERHEAD_S
 
     def prefill_s(rows: int) -> float:
-        extra = _host_prefill_s(size, rates, rows, p) if host else 0.0
+        extra = _host_prefill_s(size, rates, rows, p, host_share) if host_share else 0.0
         return _compute_s(size, rates, rows, p, p) + extra
 
-    def decode_s(rows: int, ctx: np.ndarray) -> np.ndarray:
-        if host:
-            return _host_decode_s(size, rates, rows, ctx)
-        return _compute_s(size, rates, rows, 1, ctx)
-
     chunk = max(1, work.prefill_tokens // p)
-    prefill = pass_s(sum(prefill_s(r) for r in _splits(batch, chunk)), p)  # p written
+    prefill_compute = sum(prefill_s(r) for r in _splits(batch, chunk))
+    if host_share:  # the prompt's keys and values go down beside the compute (a side stream)
+        down = size.cost.kv_bytes(batch, p) * host_share / rates.d2h_bytes_per_s
+        prefill_compute = max(prefill_compute, down)
+    prefill = pass_s(prefill_compute, p)  # p written
     ctx = np.arange(p + 1, p + g)  # decode step i sees the prompt and i new tokens
     parts = _splits(batch, micro_batch or batch)
-    decode = pass_s(sum(decode_s(r, ctx) for r in parts), ctx + 1)  # ctx read, one written
+    if not host_share:
+        decode = pass_s(sum(_compute_s(size, rates, r, 1, ctx) for r in parts), ctx + 1)
+    else:
+        # The device waits for each host layer's attention (in its stream: docs/planner.md),
+        # which runs beside the copy stream's weights: the device's own work plus the CPU's
+        # time, or the link's, whichever ends later.
+        device = sum(_host_device_s(size, rates, r, ctx, host_share) for r in parts)
+        cpu_bytes = size.kv_token_bytes * host_share * batch * ctx
+        cpu_s, link_s = _beside(cpu_bytes, plan.rank_streamed_bytes, _cpu_attn_rate(size, rates),
+                                link_rate, rates)  # fmt: skip
+        decode = pass_s(device + cpu_s, ctx + 1, link_s)  # ctx read, one written
     return Prediction(batch, g, float(prefill), float(np.sum(decode)))
 
 
@@ -279,21 +310,24 @@ def batch_grid(max_batch: int) -> list[int]:
 
 def _fit(
     size: ModelSize, work: Workload, budgets: Budgets, device: str, batch: int, micro: int,
-    depth: int, kv_tier: str,
+    depth: int, kv_tier: str, device_layers: int = 0,
 ) -> Plan:  # fmt: skip
     """make_plan for the weights' share of the budget: what `batch` rows in micro-batches of
     `micro` rows (a divisor of `batch`) leave after their KV cache (on the device for the "gpu"
-    tier) and activation workspace. PlanError if nothing fits the GPU, the CPU or the host
-    budget."""
+    tier, and for `device_layers` layers of the "split" tier) and activation workspace.
+    PlanError if nothing fits the GPU, the CPU or the host budget."""
     p = work.prompt_len
     tokens = max(min(batch, max(1, work.prefill_tokens // p)) * p, micro)  # [rows, tokens]
     ws = workspace_bytes(size.cfg, size.itemsize, tokens, rows=batch)
+    layers = size.cfg.num_layers
     kv = batch * (p + work.gen_len) * size.kv_token_bytes
+    on_device = {"gpu": layers, "cpu": 0, "split": device_layers}[kv_tier]
+    device_kv = kv // layers * on_device
     plan = make_plan(
         list(size.units), budgets.gpu, budgets.offload, depth, device, world=budgets.world,
-        workspace=ws, kv_bytes=kv if kv_tier == "gpu" else 0, gathered=dict(size.gathered),
+        workspace=ws, kv_bytes=device_kv, gathered=dict(size.gathered),
     )  # fmt: skip
-    host_kv = kv if kv_tier == "cpu" else 0
+    host_kv = kv - device_kv
     pinned = plan.host_unit_bytes(per_rank=False)  # host memory besides the KV cache
     if budgets.cpu is not None and pinned + host_kv > budgets.cpu:
         what = f"{fmt_bytes(pinned)} of streamed units that gpu_memory {fmt_bytes(budgets.gpu)} "
@@ -311,8 +345,26 @@ def _fit(
             f"{fmt_bytes(host_need)} (pinned streamed units and the host KV cache of batch "
             f"{batch})"
         )
-    return dataclasses.replace(plan, kv_tier=kv_tier, kv_host_bytes=host_kv, micro_batch=micro,
-                               micro_batches=batch // micro)  # fmt: skip
+    split = kv_tier == "split"
+    return dataclasses.replace(
+        plan, kv_tier=kv_tier, kv_host_bytes=host_kv, micro_batch=micro,
+        micro_batches=batch // micro,
+        kv_device_layers=device_kv_layers(plan, layers, on_device) if split else (),
+    )  # fmt: skip
+
+
+def device_kv_layers(plan: Plan, layers: int, n: int) -> tuple[int, ...]:
+    """The `n` layers whose cache the "split" tier keeps on the device: streamed layers first,
+    spread evenly over them (a streamed layer whose attention stays on the device gives the
+    link a layer's time with the CPU idle, balancing the two through the pass), then resident
+    ones, spread the same way."""
+    streamed = [int(p.unit[7:]) for p in plan.streamed if p.unit.startswith("layers.")]
+    rest = [i for i in range(layers) if i not in set(streamed)]
+    chosen: list[int] = []
+    for pool in (streamed, rest):
+        k = min(n - len(chosen), len(pool))
+        chosen += [pool[(2 * j + 1) * len(pool) // (2 * k)] for j in range(k)]
+    return tuple(sorted(chosen))
 
 
 def search_tiers(budgets: Budgets, kv_tiers: tuple[str, ...] | None) -> tuple[str, ...]:
@@ -335,7 +387,7 @@ def _depths(kv_tier: str, max_prefetch: int) -> list[list[int]]:
     formula above understates. On the H100 machine (OPT-30B fp16, 24 GiB, batch 96, 2026-11-24)
     one slot gave 1.94 s per decode step, predicted 1.79; two slots 1.61, though the model
     ranked one slot first."""
-    if kv_tier == "cpu" and max_prefetch >= 2:
+    if kv_tier != "gpu" and max_prefetch >= 2:
         return [list(range(2, max_prefetch + 1)), [1]]
     return [list(range(1, max_prefetch + 1))]
 
@@ -348,20 +400,34 @@ def _candidates(
     work.max_batch) and equal micro-batch count that fits with this KV tier and prefetch depth;
     what does not fit goes to `errors`. Key: predicted tokens/s, then fewer rows, micro-batches
     and slots."""
+    counts = _device_layer_counts(kv_tier, size.cfg.num_layers)
+    if not counts:
+        errors.append(PlanError("kv_tier='split' needs a model of two or more layers"))
     for b in [batch] if batch else batch_grid(work.max_batch):
         fitted = False
         for n in (m for m in MICRO_BATCHES if b % m == 0):  # equal micro-batches
             micro = b // n
-            try:
-                plan = _fit(size, work, budgets, device, b, micro, depth, kv_tier)
-            except PlanError as e:
-                errors.append(e)
-                continue
-            fitted = True
-            pred = predict(plan, size, rates, work, b, micro)
-            yield (pred.tok_s, -b, -plan.micro_batches, -depth), with_prediction(plan, pred)
+            for on_device in counts:
+                try:
+                    plan = _fit(size, work, budgets, device, b, micro, depth, kv_tier, on_device)
+                except PlanError as e:
+                    errors.append(e)
+                    continue
+                fitted = True
+                pred = predict(plan, size, rates, work, b, micro)
+                key = (pred.tok_s, -b, -plan.micro_batches, -depth, -on_device)
+                yield key, with_prediction(plan, pred)
         if not fitted:
             break  # more rows only need more memory
+
+
+def _device_layer_counts(kv_tier: str, layers: int) -> list[int]:
+    """Layers with their cache on the device that a search tries: for the "split" tier, about
+    every sixteenth of the layers up to three quarters (each costs the weights' share of the
+    budget a layer's cache takes); none else (_fit knows the other tiers' placement)."""
+    if kv_tier != "split":
+        return [0]
+    return sorted({n for f in range(1, 13) if 0 < (n := round(layers * f / 16)) < layers})
 
 
 def choose_plan(

@@ -12,8 +12,10 @@ from zeroinf.sizes import fmt_bytes
 TIERS = ("gpu", "host", "cpu", "nvme")
 STREAMED_TIERS = ("cpu", "nvme")
 # Where the KV cache can live: "gpu", on the compute device; "cpu", in host memory with each
-# layer's attention run on the CPU (models/host_attention.py; its cost: costmodel.py).
-KV_TIERS = ("gpu", "cpu")
+# layer's attention run on the CPU (models/host_attention.py; its cost: costmodel.py); "split",
+# the layers of Plan.kv_device_layers on the device and the others in host memory (the planner
+# balances the CPU's attention against the link's copies with it: docs/planner.md).
+KV_TIERS = ("gpu", "cpu", "split")
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,8 @@ class Plan:
     # the KV cache of `batch` rows.
     kv_bytes: int = 0  # device bytes of the KV cache counted in gpu_budget
     kv_tier: str = "gpu"  # one of KV_TIERS
-    kv_host_bytes: int = 0  # host bytes of a "cpu"-tier KV cache (0: none, or not planned)
+    kv_host_bytes: int = 0  # host bytes of a "cpu" or "split" KV cache (0: none, or not planned)
+    kv_device_layers: tuple[int, ...] = ()  # "split": the layers whose cache is on the device
     micro_batch: int | None = None  # decode rows per micro-batch; None: not planned
     micro_batches: int = 1
     predicted_prefill_s: float | None = None
@@ -65,10 +68,21 @@ class Plan:
                 f"kv_tier={self.kv_tier!r} with kv_bytes={self.kv_bytes}, kv_host_bytes="
                 f"{self.kv_host_bytes}: a KV cache lives on one side only"
             )
+        if (self.kv_tier == "split") != bool(self.kv_device_layers):
+            raise PlanError(
+                f"kv_tier={self.kv_tier!r} with kv_device_layers={self.kv_device_layers}: the "
+                "'split' tier, and only it, names the layers whose cache is on the device"
+            )
         if self.micro_batch is not None and self.micro_batch < 1 or self.micro_batches < 1:
             raise PlanError(
                 f"micro_batch={self.micro_batch}, micro_batches={self.micro_batches}: must be >= 1"
             )
+
+    def kv_host_layers(self, num_layers: int) -> frozenset[int]:
+        """The layers whose KV cache lives in host memory (attention on the CPU)."""
+        if self.kv_tier == "gpu":
+            return frozenset()
+        return frozenset(range(num_layers)) - set(self.kv_device_layers)
 
     @property
     def batch(self) -> int | None:
@@ -168,11 +182,17 @@ class Plan:
                 f"  batch {self.batch} = {self.micro_batches} micro-batch(es) x "
                 f"{self.micro_batch} rows, KV cache on {self.kv_tier}, prefetch {self.prefetch}"
             )
-        if self.kv_tier == "cpu":
+        if self.kv_tier != "gpu":
             lines.append(
                 "  KV cache in host memory"
                 + (f" ({fmt_bytes(self.kv_host_bytes)})" if self.kv_host_bytes else "")
                 + ", attention on the CPU"
+                + (
+                    f"; the cache of layers {', '.join(map(str, self.kv_device_layers))} on the "
+                    f"device ({fmt_bytes(self.kv_bytes)})"
+                    if self.kv_device_layers
+                    else ""
+                )
             )
         if self.predicted_tok_s is not None:
             lines.append(

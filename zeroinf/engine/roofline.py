@@ -80,10 +80,10 @@ class ModelCost:
         per_vector = self.kv_vector_bytes or self.head_dim * self.itemsize
         return 2 * batch * positions * self.kv_heads * self.layers * per_vector
 
-    def pass_hbm_bytes(self, batch: int, context: int, kv_on_host: bool = False) -> float:
-        """Weights once, and the cache's `context` positions unless the cache is in host
-        memory."""
-        return self.weight_bytes + (0 if kv_on_host else self.kv_bytes(batch, context))
+    def pass_hbm_bytes(self, batch: int, context: int, kv_host_share: float = 0.0) -> float:
+        """Weights once, and the cache's `context` positions of the layers whose cache is on
+        the device (all but `kv_host_share` of them)."""
+        return self.weight_bytes + (1 - kv_host_share) * self.kv_bytes(batch, context)
 
     def pass_host_bytes(self, batch: int, seq: int, context: int) -> float:
         """Host memory bytes of the cache in a pass with the cache in host memory: the `seq` new
@@ -94,22 +94,23 @@ class ModelCost:
 
 def roofline_seconds(
     cost: ModelCost, streamed_bytes: int, machine: Machine, batch: int, prompt: int, new: int,
-    kv_on_host: bool = False,
+    kv_host_share: float = 0.0,
 ) -> tuple[float, float]:  # fmt: skip
     """(prefill floor, decode floor) in seconds for `new` tokens after a `prompt`-token prefill;
-    kv_on_host: the cache is in host memory (the "cpu" KV tier)."""
+    kv_host_share: the share of the layers whose cache is in host memory (the "cpu" KV tier:
+    all; "split": some)."""
 
     def floor(seq: int, context: int) -> float:
         terms = [
             streamed_bytes / machine.stream_bytes_per_s,
             cost.pass_flops(batch, seq, context) / machine.flops,
-            cost.pass_hbm_bytes(batch, context, kv_on_host) / machine.hbm_bytes_per_s,
+            cost.pass_hbm_bytes(batch, context, kv_host_share) / machine.hbm_bytes_per_s,
         ]
-        if kv_on_host and machine.host_bytes_per_s:
-            host = cost.pass_host_bytes(batch, seq, context) + streamed_bytes
+        if kv_host_share and machine.host_bytes_per_s:
+            host = kv_host_share * cost.pass_host_bytes(batch, seq, context) + streamed_bytes
             terms.append(host / machine.host_bytes_per_s)
-        if kv_on_host and machine.d2h_bytes_per_s:
-            terms.append(cost.kv_bytes(batch, seq) / machine.d2h_bytes_per_s)
+        if kv_host_share and machine.d2h_bytes_per_s:
+            terms.append(kv_host_share * cost.kv_bytes(batch, seq) / machine.d2h_bytes_per_s)
         return max(terms)
 
     prefill = floor(prompt, prompt)

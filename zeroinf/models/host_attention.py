@@ -127,7 +127,10 @@ class InFlight:
         self.entries: collections.deque[tuple[Any, tuple[torch.Tensor, ...]]] = collections.deque()
 
     def add(self, *buffers: torch.Tensor) -> None:
-        done = torch.cuda.Event()
+        # blocking: a thread waiting on it sleeps. CUDA's default wait spins on a core (one
+        # context, more cores than contexts), and this thread waits most of a decode step:
+        # it would take one of the cores the kernel's threads run on.
+        done = torch.cuda.Event(blocking=True)
         done.record()
         self.entries.append((done, buffers))
         while self.entries and (len(self.entries) > self.depth or self.entries[0][0].query()):
@@ -156,6 +159,16 @@ def finish_host_work(raise_errors: bool = True) -> None:
         if raise_errors:
             raise
     writer.flush(raise_errors)
+
+
+def take_stats() -> dict[str, float]:
+    """Since the last call (and reset): the native kernel's calls and wall seconds, and the
+    writer thread's seconds in write_kv and the bytes it wrote (zeroinf-bench reports them)."""
+    calls, seconds = native.stats() if native is not None else (0, 0.0)  # type: ignore[attr-defined]
+    out = {"kernel_calls": calls, "kernel_s": seconds, "writer_s": writer.busy_s,
+           "writer_bytes": writer.written_bytes}  # fmt: skip
+    writer.busy_s, writer.written_bytes = 0.0, 0
+    return out
 
 
 def _own_keys_only(mask: torch.Tensor, start: int) -> bool:

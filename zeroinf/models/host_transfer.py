@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from typing import Any
 
 import torch
@@ -50,6 +51,8 @@ class HostWriter:
         self.error: BaseException | None = None
         self.thread: threading.Thread | None = None
         self.streams: dict[torch.device, torch.cuda.Stream] = {}  # D2H, one per device
+        self.busy_s = 0.0  # the thread's time in write_kv, and the bytes it wrote (benchmarks)
+        self.written_bytes = 0
 
     def submit(self, kv: LayerKV, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
         """k, v [B, Hkv, S, D] (any device) into `kv` at indices start .. start+S-1, later."""
@@ -61,7 +64,7 @@ class HostWriter:
             with torch.cuda.stream(side):
                 side.wait_event(computed)
                 hk, hv = to_host(k, v, sync=False)
-                done: Any = torch.cuda.Event()
+                done: Any = torch.cuda.Event(blocking=True)  # its waiter sleeps (InFlight)
                 done.record(side)
             for x in (k, v):  # their memory is not reused before the side stream is done
                 x.record_stream(side)
@@ -97,7 +100,10 @@ class HostWriter:
                 if self.error is None:  # after an error, the rest of the pass is dropped
                     if done is not None:
                         done.synchronize()
+                    t = time.perf_counter()
                     write_kv(kv, hk, hv, start)
+                    self.busy_s += time.perf_counter() - t
+                    self.written_bytes += hk.nbytes + hv.nbytes
             except BaseException as e:  # raised to the caller by its next submit or flush
                 self.error = e
             finally:
