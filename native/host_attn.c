@@ -4,8 +4,8 @@
  * with hk = h / (H / Hkv) (GQA), masked positions skipped. A decode step reads every cached key
  * and value once, so the kernel is bound by host memory bandwidth: each (row, kv head) pair is
  * one task, threads (pthreads, created per call: ~0.1 ms against tens of ms of work) take tasks from
- * an atomic counter, and a task streams its keys and values once (two passes: scores, then the
- * weighted sum of values), converting 16-bit elements to float32 in registers (F16C/AVX2 where
+ * an atomic counter, and a task streams its keys and values once (in one pass, key t beside
+ * value t, the softmax online), converting 16-bit elements to float32 in registers (F16C/AVX2 where
  * the CPU has them, chosen at run time; portable C otherwise). torch's CPU SDPA converts 16-bit
  * inputs far more slowly than memory delivers them (models/host_attention.py has the figures).
  *
@@ -203,9 +203,12 @@ static inline void prefetch_row(const Job *j, const char *base, int64_t t, int64
  * given: the cache write and the attention in one pass, so that no torch CPU op runs just
  * before the kernel; torch's OpenMP threads spin for milliseconds after each parallel op and
  * would take the cores this kernel's threads need), then the attention of its n_rep query
- * heads, which share each key and value read. Scratch: scores [n_rep, end], the scaled queries
- * and the sums [n_rep, D] each. */
-static void task(const Job *j, int64_t b, int64_t hk, float *s, float *qf, float *acc) {
+ * heads, which share each key and value read. One pass: key t and value t are read together
+ * and the softmax is online (a row's sums are rescaled when its running max grows), so each
+ * thread keeps two memory streams in flight; scores first and values in a second pass read
+ * 20-28% slower on the H100 machine (tools/bench_host_attention.py --sweep, 2026-11-24).
+ * Scratch: the scaled queries and the sums [n_rep, D] each. */
+static void task(const Job *j, int64_t b, int64_t hk, float *qf, float *acc) {
     int64_t size = j->dtype == F32 ? 4 : 2, n_rep = j->H / j->Hkv, end = j->end, D = j->D;
     char *kc = (char *)j->k + (b * j->k_sb + hk * j->k_sh) * size;
     char *vc = (char *)j->v + (b * j->v_sb + hk * j->v_sh) * size;
@@ -220,27 +223,26 @@ static void task(const Job *j, int64_t b, int64_t hk, float *s, float *qf, float
         const char *q = j->q + (b * j->q_sb + (hk * n_rep + r) * j->q_sh) * size;
         for (int64_t d = 0; d < D; d++) qf[r * D + d] = load(q, d, j->dtype) * j->scale;
     }
-    int64_t row = D * size, visible = 0;
-    for (int64_t t = 0; t < end; t++) {
-        prefetch_row(j, kc, t, j->k_st * size, row);
-        int seen = !m || m[t];
-        visible += seen;
-        for (int64_t r = 0; r < n_rep; r++)
-            s[r * end + t] = seen ? dot(j, qf + r * D, kc + t * j->k_st * size) : -INFINITY;
-    }
     memset(acc, 0, (size_t)(n_rep * D) * sizeof(float));
     float mx[n_rep], sum[n_rep];
     for (int64_t r = 0; r < n_rep; r++) {
         mx[r] = -INFINITY;
         sum[r] = 0.f;
-        for (int64_t t = 0; t < end; t++)
-            if (s[r * end + t] > mx[r]) mx[r] = s[r * end + t];
     }
-    for (int64_t t = 0; visible && t < end; t++) { /* no visible position: zeros, not NaN */
+    int64_t row = D * size;
+    for (int64_t t = 0; t < end; t++) {
+        prefetch_row(j, kc, t, j->k_st * size, row);
         prefetch_row(j, vc, t, j->v_st * size, row);
         if (m && !m[t]) continue;
         for (int64_t r = 0; r < n_rep; r++) {
-            float p = expf(s[r * end + t] - mx[r]);
+            float s = dot(j, qf + r * D, kc + t * j->k_st * size);
+            if (s > mx[r]) {
+                float c = expf(mx[r] - s); /* 0 at the first visible position */
+                sum[r] *= c;
+                for (int64_t d = 0; d < D; d++) acc[r * D + d] *= c;
+                mx[r] = s;
+            }
+            float p = expf(s - mx[r]);
             sum[r] += p;
             axpy(j, acc + r * D, p, vc + t * j->v_st * size);
         }
@@ -255,12 +257,12 @@ static void task(const Job *j, int64_t b, int64_t hk, float *s, float *qf, float
 static void *worker(void *arg) {
     Job *j = (Job *)arg;
     int64_t n_rep = j->H / j->Hkv, n = j->B * j->Hkv;
-    float *buf = (float *)malloc(sizeof(float) * (size_t)(n_rep * (j->end + 2 * j->D)));
+    float *buf = (float *)malloc(sizeof(float) * (size_t)(2 * n_rep * j->D));
     if (!buf) return (void *)1;
     for (;;) {
         int64_t i = __atomic_fetch_add(&j->next, 1, __ATOMIC_RELAXED);
         if (i >= n) break;
-        task(j, i / j->Hkv, i % j->Hkv, buf, buf + n_rep * j->end, buf + n_rep * (j->end + j->D));
+        task(j, i / j->Hkv, i % j->Hkv, buf, buf + n_rep * j->D);
     }
     free(buf);
     return NULL;

@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -79,6 +80,41 @@ def attention_s(
     return seconds(run, torch.device("cpu"), 5), nbytes, run
 
 
+def kernel_sweep(b: int, h: int, t: int, d: int, cuda: torch.device | None) -> list[tuple]:
+    """(name, GB/s alone, GB/s beside H2D, H2D GB/s beside it) of the native kernel at
+    several software prefetch distances over one fp16 cache."""
+    kv = cache(b, h, t, d, torch.float16)
+    q = torch.randn(b, h, 1, d).to(torch.float16)
+    mask = torch.ones(b, 1, 1, t, dtype=torch.bool)
+    out = torch.empty(b, 1, h * d, dtype=torch.float16)
+    nbytes = kv.k.nbytes + kv.v.nbytes
+    rows = []
+    for ahead in (0, 4, 8, 16, 32):
+
+        def run(ahead: int = ahead) -> None:
+            assert ha.native_decode(q, kv, t, mask, d**-0.5, out, ahead=ahead)
+
+        name = f"prefetch {ahead} rows ahead"
+        time.sleep(0.1)  # torch's OpenMP threads quiet
+        alone = nbytes / seconds(run, torch.device("cpu"), 5) / GB
+        beside = copied = float("nan")
+        if cuda is not None:
+            copied, calls = concurrent_with_h2d(run, cuda, 1.5)
+            beside, copied = calls * nbytes / GB, copied / GB
+        rows.append((name, alone, beside, copied))
+        print(f"kernel sweep: {name}: {alone:.1f} GB/s alone, {beside:.1f} beside H2D "
+              f"({copied:.1f} GB/s H2D)", flush=True)  # fmt: skip
+    return rows
+
+
+def cache_sum_bytes_per_s(b: int, h: int, t: int, d: int) -> float:
+    """Bytes/s of torch's sum over an fp16 host cache's own memory (viewed as float32)."""
+    kv = cache(b, h, t, d, torch.float16)
+    flat = [x.view(-1).view(torch.float32) for x in (kv.k, kv.v)]
+    s = seconds(lambda: [x.sum() for x in flat], torch.device("cpu"), 5)
+    return (kv.k.nbytes + kv.v.nbytes) / s
+
+
 def full_path_s(b: int, h: int, t: int, d: int) -> dict[str, float]:
     """Seconds of one decode layer's whole host path (models.host_attention.attend_host): q, k,
     v on the GPU to the host, the cache write and the attention, the output back, synced; and
@@ -119,15 +155,27 @@ def main() -> None:
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--quick", action="store_true", help="the tier's own fp16 path only")
+    ap.add_argument("--sweep", action="store_true", help="only the native kernel's variants")
     a = ap.parse_args()
     flags = ""
     try:
         info = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
         print(info)
+        print(Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text())
         wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16")
         flags = " ".join(f for f in wanted if f in info)
-    except OSError:
-        pass
+    except OSError as e:
+        print(f"(system info: {e})")
+    if a.sweep:
+        cuda = torch.device("cuda") if torch.cuda.is_available() else None
+        sweep = kernel_sweep(a.batch, a.heads, a.ctx, a.head_dim, cuda)
+        print("\n| kernel variant | alone GB/s | beside H2D GB/s | H2D beside it GB/s |")
+        print("|---|---|---|---|")
+        for name, *figures in sweep:
+            print(f"| {name} | " + " | ".join(f"{x:.1f}" for x in figures) + " |")
+        if a.json:
+            a.json.write_text(json.dumps(sweep, indent=1))
+        return
     rows: list[tuple[str, float, str]] = []
     res: dict[str, float] = {"threads": torch.get_num_threads(), "cpus": os.cpu_count() or 0}
     print(f"torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}, flags: {flags}")
@@ -175,6 +223,10 @@ def main() -> None:
         else:
             del run
     ha.native = native
+    # The same bytes read by torch's sum (float32 view of the fp16 cache): where this is as slow
+    # as the kernel, the cache's memory (its pages' placement), not the kernel, sets the rate.
+    res["cache_sum_gbps"] = cache_sum_bytes_per_s(b, h, t, d) / GB
+    rows.append(("host read of the fp16 cache's own memory (sum)", res["cache_sum_gbps"], "GB/s"))
     if torch.cuda.is_available() and run16 is not None:
         cuda = torch.device("cuda")
         h2d = measure_h2d(cuda, 1 << 30)  # the probe's own figure

@@ -39,17 +39,19 @@ def _reference(q: torch.Tensor, kv: LayerKV, end: int, mask: torch.Tensor, scale
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("portable", [False, True])
+@pytest.mark.parametrize("ahead", [0, 2, 8])  # software prefetch distance (rows)
 @pytest.mark.parametrize(
     "B,H,Hkv,T,D,end",
     [(3, 4, 4, 16, 16, 9), (2, 6, 2, 20, 64, 20), (5, 8, 8, 70, 128, 33), (2, 4, 1, 7, 24, 7),
      (1, 2, 2, 3, 13, 1)],
 )  # fmt: skip
 def test_native_decode_matches_reference(
-    dtype: torch.dtype, portable: bool, B: int, H: int, Hkv: int, T: int, D: int, end: int
-) -> None:
+    dtype: torch.dtype, portable: bool, ahead: int, B: int, H: int, Hkv: int, T: int, D: int,
+    end: int,
+) -> None:  # fmt: skip
     q, kv, mask = _case(B, H, Hkv, T, D, end, dtype, seed=B * 100 + D)
     out = torch.full((B, 1, H * D), float("nan"), dtype=dtype)
-    assert ha.native_decode(q, kv, end, mask, D**-0.5, out, portable=portable)
+    assert ha.native_decode(q, kv, end, mask, D**-0.5, out, portable=portable, ahead=ahead)
     want = _reference(q, kv, end, mask, D**-0.5)
     torch.testing.assert_close(out.double(), want, rtol=0, atol=TOL[dtype])
 
@@ -89,6 +91,7 @@ def test_native_decode_views_and_unmasked_rows() -> None:
     torch.testing.assert_close(out.double(), _reference(q, kv, end, mask, 0.3), rtol=0, atol=2e-6)
     assert not wide[..., : H * D].any()  # nothing written outside the slice
     none = torch.zeros(B, 1, 1, end, dtype=torch.bool)
+    out.fill_(1)
     assert ha.native_decode(q, kv, end, none, 0.3, out)
     assert not out.any()
 
