@@ -30,6 +30,7 @@ from zeroinf.engine.probe import (  # noqa: E402
     measure_host_memory,
     random_host_cache,
     seconds,
+    streaming_bytes,
 )
 from zeroinf.models import host_attention as ha  # noqa: E402
 from zeroinf.models.base import LayerKV  # noqa: E402
@@ -181,6 +182,10 @@ def main() -> None:
     print(f"torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}, flags: {flags}")
     res["host_read"] = measure_host_memory(torch.device("cpu"), 4 << 30)  # the CPU's reads alone
     rows.append(("host read (sum 4 GiB fp32)", res["host_read"] / GB, "GB/s"))
+    # the same over 1 GiB, which the last-level cache partly holds (the probe's size until
+    # zeroinf-probe/4; probe.streaming_bytes)
+    res["host_read_1gib"] = measure_host_memory(torch.device("cpu"), 1 << 30)
+    rows.append(("host read (sum 1 GiB fp32)", res["host_read_1gib"] / GB, "GB/s"))
     res["host_copy"] = host_copy_bytes_per_s()
     rows.append(("host copy (read+write)", res["host_copy"] / GB, "GB/s"))
     b, h, t, d = a.batch, a.heads, a.ctx, a.head_dim
@@ -238,7 +243,10 @@ def main() -> None:
         rows.append(("H2D during fp16 attention", c_h2d / GB, "GB/s"))
         rows.append(("fp16 attention during H2D", calls * bytes16 / GB,
                      f"GB/s ({1e3 / calls:.1f} ms/layer)"))  # fmt: skip
-        res["host_memory"] = measure_host_memory(cuda, 4 << 30, 3.0)
+        res["host_memory_1gib"] = measure_host_memory(cuda, 1 << 30, 3.0)
+        rows.append(("host memory: H2D + host read (sum 1 GiB) at once", res["host_memory_1gib"]
+                     / GB, "GB/s (the probe's until zeroinf-probe/4)"))  # fmt: skip
+        res["host_memory"] = measure_host_memory(cuda, streaming_bytes(4 << 30), 3.0)
         rows.append(("host memory: H2D + host read (sum) at once", res["host_memory"] / GB,
                      "GB/s (the probe's host_memory_bytes_per_s)"))  # fmt: skip
         parts = full_path_s(b, h, t, d)

@@ -317,16 +317,27 @@ def test_host_decode_shares_host_memory_with_the_stream() -> None:
     assert predict(plan, size, narrow, work, 8) == predict(plan, size, FAST_CPU, work, 8)
 
 
-def test_host_attention_and_the_stream_slow_each_other() -> None:
-    """Both start together, each at its rate beside the other while both run, then alone."""
+def test_units_compute_in_order_as_their_copies_arrive() -> None:
+    """_in_order_s by hand: units R S S S R (R resident, S streamed), each computing 1 s, each
+    copy 2 s, two slots."""
+    compute, copy = [1.0] * 5, [None, 2.0, 2.0, 2.0, None]
+    # copies: S1 0-2, S2 2-4, S3 waits for S1's slot (free at 3) and the link (4): 4-6;
+    # compute: R0 0-1, S1 2-3, S2 4-5, S3 6-7, R4 7-8
+    assert costmodel._in_order_s(compute, copy, slots=2) == 8.0
+    # one slot: S2's copy waits for S1's compute (3): 3-5, S3's for S2's (6): 6-8
+    assert costmodel._in_order_s(compute, copy, slots=1) == 10.0
+    # arrays of contexts: each element its own pass
+    many = costmodel._in_order_s([np.array([1.0, 3.0])] * 5, copy, slots=2)
+    assert many.tolist() == [8.0, 15.0]  # R0 0-3, S1 3-6, S2 6-9, S3 9-12, R4 12-15
+
+
+def test_beside_rates() -> None:
+    """Each at the rate the probe measured beside the other; unmeasured, its own."""
     r = dataclasses.replace(FAST_CPU, cpu_attn_bytes_per_s=10, h2d_bytes_per_s=10,
                             cpu_attn_h2d_bytes_per_s=5, h2d_cpu_attn_bytes_per_s=6)  # fmt: skip
-    # 30 link bytes at 6/s: 5 s together, the CPU has 100 - 25 left at 10/s
-    assert costmodel._beside(100.0, 30.0, 10.0, 10.0, r) == pytest.approx((12.5, 5.0))
-    # 10 CPU bytes at 5/s: 2 s together, the link has 30 - 12 left at 10/s
-    assert costmodel._beside(10.0, 30.0, 10.0, 10.0, r) == pytest.approx((2.0, 3.8))
-    # unmeasured: neither slows the other
-    assert costmodel._beside(100.0, 30.0, 10.0, 10.0, FAST_CPU) == pytest.approx((10.0, 3.0))
+    assert costmodel._beside_rates(10.0, 10.0, r) == pytest.approx((5.0, 6.0))
+    assert costmodel._beside_rates(2.0, 10.0, r) == pytest.approx((1.0, 6.0))  # int8's rate, scaled
+    assert costmodel._beside_rates(10.0, 10.0, FAST_CPU) == (10.0, 10.0)
 
 
 def test_planner_splits_opt_30b_on_the_h100_machine() -> None:

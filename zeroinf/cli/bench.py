@@ -280,9 +280,9 @@ def measure(
         mach["h2d_bytes_per_s_after"] = measure_h2d(device, nbytes=512 << 20)
         mach["h2d_bytes_per_s"] = max(mach["h2d_bytes_per_s"], mach["h2d_bytes_per_s_after"])
         if plan.kv_tier != "gpu":  # the host memory term of the roofline: the same rule
-            from zeroinf.engine.probe import measure_host_memory
+            from zeroinf.engine.probe import measure_host_memory, streaming_bytes
 
-            after = measure_host_memory(device, 1 << 30, 2.0)
+            after = measure_host_memory(device, streaming_bytes(4 << 30), 2.0)
             mach["host_memory_bytes_per_s_after"] = after
             mach["host_memory_bytes_per_s"] = max(mach["host_memory_bytes_per_s"] or 0, after)
     h2d = mach["h2d_bytes_per_s"]

@@ -46,11 +46,11 @@ import numpy as np
 
 from zeroinf.engine.gather import gathered_bytes
 from zeroinf.engine.kvcache import kv_token_bytes
-from zeroinf.engine.plan import KV_TIERS, Plan, make_plan
+from zeroinf.engine.plan import KV_TIERS, STREAMED_TIERS, Plan, make_plan
 from zeroinf.engine.probe import Rates
 from zeroinf.engine.roofline import ModelCost
 from zeroinf.errors import ConfigError, PlanError
-from zeroinf.format import DTYPES, Checkpoint
+from zeroinf.format import DTYPES, Checkpoint, padded_size
 from zeroinf.models import ModelConfig
 from zeroinf.sizes import fmt_bytes
 
@@ -202,21 +202,36 @@ def _host_device_s(
     return device + copies + host_layers * HOST_LAYER_S
 
 
-def _beside(
-    cpu_bytes: np.ndarray | float, link_bytes: float, cpu_rate: float, link_rate: float,
-    rates: Rates,
-) -> tuple[np.ndarray | float, np.ndarray | float]:  # fmt: skip
-    """(seconds until the CPU's attention has read cpu_bytes, until the link has copied
-    link_bytes), both starting together: each at its rate beside the other (the probe measures
-    both at once: each slows the other) while both run, then at its own rate alone."""
-    slow_cpu = slow_link = 1.0
+def _in_order_s(
+    compute: list[np.ndarray | float], copy: list[float | None], slots: int
+) -> np.ndarray | float:
+    """Seconds of a pass that computes its units in order (compute[i] each) while the copy
+    stream brings its streamed units in (copy[i] each, None: resident) through `slots` device
+    slots: a unit computes once the one before it has and its copy is in; a copy starts once
+    the copy before it is done and its slot is free (the unit `slots` streamed units earlier
+    has computed). Where the host's attention holds the compute stream, the copies can run
+    ahead by `slots` units only, so a run of streamed layers waits for them."""
+    done: np.ndarray | float = 0.0
+    copied: np.ndarray | float = 0.0
+    computed: list[np.ndarray | float] = []  # per streamed unit, when its slot frees
+    for c, cp in zip(compute, copy, strict=True):
+        if cp is not None:
+            free = computed[-slots] if len(computed) >= slots else 0.0
+            copied = np.maximum(copied, free) + cp
+            done = np.maximum(done, copied)
+        done = done + c
+        if cp is not None:
+            computed.append(done)
+    return done
+
+
+def _beside_rates(cpu_rate: float, link_rate: float, rates: Rates) -> tuple[float, float]:
+    """The host attention's and the link's rates beside each other (each slows the other: the
+    probe measures both at once), where the probe has them; else their own rates."""
     if rates.cpu_attn_h2d_bytes_per_s and rates.h2d_cpu_attn_bytes_per_s:
-        slow_cpu = min(1.0, rates.cpu_attn_h2d_bytes_per_s / rates.cpu_attn_bytes_per_s)
-        slow_link = min(1.0, rates.h2d_cpu_attn_bytes_per_s / rates.h2d_bytes_per_s)
-    both = np.minimum(cpu_bytes / (cpu_rate * slow_cpu), link_bytes / (link_rate * slow_link))
-    cpu_s = both + (cpu_bytes - both * cpu_rate * slow_cpu) / cpu_rate
-    link_s = both + (link_bytes - both * link_rate * slow_link) / link_rate
-    return cpu_s, link_s
+        cpu_rate *= min(1.0, rates.cpu_attn_h2d_bytes_per_s / rates.cpu_attn_bytes_per_s)
+        link_rate *= min(1.0, rates.h2d_cpu_attn_bytes_per_s / rates.h2d_bytes_per_s)
+    return cpu_rate, link_rate
 
 
 def _host_prefill_s(size: ModelSize, rates: Rates, rows: int, seq: int, host_share: float) -> float:
@@ -282,14 +297,23 @@ def predict(
     if not host_share:
         decode = pass_s(sum(_compute_s(size, rates, r, 1, ctx) for r in parts), ctx + 1)
     else:
-        # The device waits for each host layer's attention (in its stream: docs/planner.md),
-        # which runs beside the copy stream's weights: the device's own work plus the CPU's
-        # time, or the link's, whichever ends later.
+        # The device waits for each host layer's attention (in its stream: docs/planner.md)
+        # while the copy stream brings the streamed units in: unit by unit (_in_order_s), each
+        # unit its share of the device's work and, for a layer whose cache is in host memory,
+        # its attention, at the rates the probe measured with the two beside each other.
         device = sum(_host_device_s(size, rates, r, ctx, host_share) for r in parts)
-        cpu_bytes = size.kv_token_bytes * host_share * batch * ctx
-        cpu_s, link_s = _beside(cpu_bytes, plan.rank_streamed_bytes, _cpu_attn_rate(size, rates),
-                                link_rate, rates)  # fmt: skip
-        decode = pass_s(device + cpu_s, ctx + 1, link_s)  # ctx read, one written
+        cpu_rate, link_rate = _beside_rates(_cpu_attn_rate(size, rates), link_rate, rates)
+        attention = size.kv_token_bytes // layers * batch * ctx / cpu_rate  # one host layer's
+        host_layers = plan.kv_host_layers(layers)
+        compute, copy = [], []
+        for pl in plan.placements:
+            layer = int(pl.unit[7:]) if pl.unit.startswith("layers.") else None
+            own = device * pl.nbytes / size.weight_bytes
+            compute.append(own + attention if layer in host_layers else own)
+            streamed = pl.tier in STREAMED_TIERS
+            copy.append(padded_size(pl.nbytes, plan.world) / plan.world / link_rate if streamed
+                        else None)  # fmt: skip
+        decode = pass_s(_in_order_s(compute, copy, plan.prefetch), ctx + 1, 0.0)
     return Prediction(batch, g, float(prefill), float(np.sum(decode)))
 
 

@@ -10,6 +10,7 @@ the matmul shape and the disk folder measured. A load reads its entry and says s
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -32,7 +33,8 @@ log = logging.getLogger("zeroinf")
 ENV_CACHE_DIR = "ZEROINF_CACHE_DIR"
 CACHE_FILE = "probe.json"
 # /2: CPU attention is the host KV tier's own code, int8 too; /3: its native decode kernel;
-# /4: decode-like attention shape, and attention and H2D measured beside each other
+# /4: decode-like attention shape, and attention and H2D measured beside each other; working
+# sets the last-level cache cannot hold
 CACHE_FORMAT = "zeroinf-probe/4"
 DISK_BYTES = 1 << 30  # read at most this much of a folder's largest files (about 1 s on NVMe)
 
@@ -131,7 +133,7 @@ def measure(
         measure_cpu_attention(dtype, large=cuda),
         measure_disk(disk_dir, io_backend) if disk_dir is not None else None,
         measure_cpu_attention(dtype, large=cuda, kv_dtype="int8"),
-        measure_host_memory(device, (1 << 30) if cuda else (64 << 20), 2.0),
+        measure_host_memory(device, streaming_bytes(4 << 30) if cuda else (64 << 20), 2.0),
         attn_h2d,
         h2d_attn,
     )
@@ -192,11 +194,12 @@ def measure_h2d(device: torch.device, nbytes: int = 256 << 20) -> float:
 
 
 def random_host_cache(
-    b: int, h: int, t: int, d: int, dtype: torch.dtype, kv_dtype: str | None = None
-) -> LayerKV:
+    b: int, h: int, t: int, d: int, dtype: torch.dtype, kv_dtype: str | None = None,
+    like: LayerKV | None = None,
+) -> LayerKV:  # fmt: skip
     """One layer's host ("cpu" tier) cache of [b, h, t, d] random keys and values in `dtype`, or
     int8 with scales 0.01: what host attention is timed over (here, and by
-    tools/bench_host_attention.py)."""
+    tools/bench_host_attention.py); `like`: a copy of that cache instead (fast)."""
     from zeroinf.engine.kvcache import new_kv_cache
     from zeroinf.models import ModelConfig
 
@@ -205,6 +208,12 @@ def random_host_cache(
                       max_positions=t, tie_embeddings=False, norm_eps=1e-5,
                       act="silu")  # fmt: skip
     kv = new_kv_cache(cfg, b, t, dtype, torch.device("cpu"), kv_dtype, host_layers=(0,))[0]
+    if like is not None:
+        for x, y in ((kv.k, like.k), (kv.v, like.v), (kv.k_scale, like.k_scale),
+                     (kv.v_scale, like.v_scale)):  # fmt: skip
+            if x is not None:
+                x.copy_(y)
+        return kv
     for x in (kv.k, kv.v):
         x.copy_(
             torch.randn(x.shape).to(x.dtype)
@@ -247,21 +256,48 @@ def _cpu_attention(
 
     # 1 GiB of 16-bit cache in 4096 (row, head) tasks of 512 positions on a GPU machine: a real
     # decode step's blocks are a few hundred positions long, and 2048-position blocks read ~25%
-    # faster, which made the cost model optimistic.
+    # faster, which made the cost model optimistic. Calls go round copies of it that together
+    # outgrow the last-level cache, as a decode step's layers do (streaming_bytes).
     b, h, t, d = (128, 32, 512, 128) if large else (2, 4, 512, 64)
     kv = random_host_cache(b, h, t, d, dtype, kv_dtype)
+    nbytes = sum(x.nbytes for x in (kv.k, kv.v, kv.k_scale, kv.v_scale) if x is not None)
+    copies = -(-streaming_bytes(4 << 30) // nbytes) if large else 1
+    caches = itertools.cycle(
+        [kv] + [random_host_cache(b, h, t, d, dtype, kv_dtype, like=kv) for _ in range(copies - 1)]
+    )
     q = torch.randn(b, h, 1, d).to(dtype)
     mask = torch.ones(b, 1, 1, t, dtype=torch.bool)
     out = torch.empty(b, 1, h * d, dtype=dtype)
-    nbytes = sum(x.nbytes for x in (kv.k, kv.v, kv.k_scale, kv.v_scale) if x is not None)
 
     def run() -> None:
-        attend_cached(q, kv, t, mask, d**-0.5, out)
+        attend_cached(q, next(caches), t, mask, d**-0.5, out)
 
     # torch's OpenMP threads spin for milliseconds after the fills' parallel ops, on the cores
     # the native kernel's threads need; a decode step runs no torch CPU op between its layers.
     time.sleep(0.1)
     return nbytes, run
+
+
+def last_level_cache_bytes() -> int:
+    """Size of the CPU's largest cache (sysfs; 0 where unknown)."""
+    sizes = [0]
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            text = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit():
+            sizes.append(int(digits) * scale)
+    return max(sizes)
+
+
+def streaming_bytes(floor: int) -> int:
+    """A working set the last-level cache cannot serve: 8 x its size, at least `floor`. A host
+    KV cache is tens of GB read once per step; timing reads of a buffer the cache partly holds
+    (1 GiB against the H100 machine's 300 MiB L3) overstated host memory by up to a third."""
+    return max(floor, 8 * last_level_cache_bytes())
 
 
 def measure_host_memory(device: torch.device, nbytes: int, seconds_: float = 1.0) -> float:
