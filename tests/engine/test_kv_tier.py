@@ -70,9 +70,11 @@ def _tokens(path: Path, tier: str, kv_dtype: str | None = None) -> list[torch.Te
     return out
 
 
-@pytest.mark.parametrize("name", list(FAMILIES))
-def test_host_tier_equals_device_tier_and_transformers(tmp_path: Path, name: str) -> None:
-    model_type, overrides = FAMILIES[name]
+def _checkpoint_and_reference(
+    tmp_path: Path, model_type: str, **overrides: object
+) -> tuple[Path, torch.Tensor]:
+    """A tiny random checkpoint, converted, and transformers' greedy tokens (float32) for
+    tiny_prompts."""
     save_tiny_hf(tmp_path / "hf", model_type, seed=5, **overrides)
     path = convert(tmp_path / "hf", tmp_path / "zi", progress=False)
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
@@ -80,6 +82,13 @@ def test_host_tier_equals_device_tier_and_transformers(tmp_path: Path, name: str
     with torch.no_grad():
         want = hf.generate(ids, attention_mask=mask, max_new_tokens=NEW, min_new_tokens=NEW,
                            do_sample=False, pad_token_id=0)  # fmt: skip
+    return path, want
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_host_tier_equals_device_tier_and_transformers(tmp_path: Path, name: str) -> None:
+    model_type, overrides = FAMILIES[name]
+    path, want = _checkpoint_and_reference(tmp_path, model_type, **overrides)
     for got in _tokens(path, "cpu") + _tokens(path, "gpu"):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
@@ -90,13 +99,8 @@ def test_split_tier_equals_transformers(tmp_path: Path, family: str, kv_dtype: s
     """The "split" tier: the planner's layers keep their cache on the device, the others in
     host memory (attention on the CPU); the tokens are transformers' (float32), and an int8
     cache's equal the device tier's."""
-    save_tiny_hf(tmp_path / "hf", family, seed=5)
-    path = convert(tmp_path / "hf", tmp_path / "zi", progress=False)
-    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    path, want = _checkpoint_and_reference(tmp_path, family)
     ids, mask = tiny_prompts(64)
-    with torch.no_grad():
-        want = hf.generate(ids, attention_mask=mask, max_new_tokens=NEW, min_new_tokens=NEW,
-                           do_sample=False, pad_token_id=0)  # fmt: skip
     if kv_dtype:
         want = _tokens(path, "gpu", kv_dtype)[0]
     kw = dict(device="cpu", gpu_memory="64MiB", batch_size="auto", prompt_len=7,
