@@ -512,7 +512,19 @@ def test_generate_cli_kv_tier(
         assert generate_main([str(a) for a in argv]) == 0
         outs[tier] = sorted(json.loads(x)["token_ids"] for x in out.read_text().splitlines())
     assert outs["cpu"] == outs["gpu"] and len(outs["cpu"]) == 3
+    # "split" with the planner's batch: the same results; with a fixed batch: one line, exit 2
+    out = tmp_path / "out-split.jsonl"
+    split = ["--model", ckpt, "--input", inp, "--output", out, "--device", "cpu",
+             "--max-new-tokens", "4", "--batch-size", "auto", "--gpu-memory", "64MiB",
+             "--quiet", "--kv-tier", "split"]  # fmt: skip
+    assert generate_main([str(a) for a in split]) == 0
+    got = sorted(json.loads(x)["token_ids"] for x in out.read_text().splitlines())
+    assert got == outs["gpu"]
     capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        generate_main([str(a) for a in argv[:-1]] + ["split"])
+    assert e.value.code == 2
+    assert "kv_tier='split' needs batch_size='auto'" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         generate_main([str(a) for a in argv[:-1]] + ["disk"])
     assert e.value.code == 2 and "--kv-tier: invalid choice" in capsys.readouterr().err
