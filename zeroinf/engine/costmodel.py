@@ -16,18 +16,21 @@ Per forward pass (the prefill, then one pass per decode step):
                 share of the weight bytes (a streamed unit's copy waits for the previous one's
                 compute to free the slot).
 
-With the KV cache in host memory (KV tier "cpu", models/host_attention.py) a decode micro-batch
-has no KV read and no attention FLOPs on the device; instead the device waits, in every layer,
-for the host: q, k, v to the host (D2H), attention over the cached keys on the CPU (KV bytes /
-the probe's measured CPU attention rate), the output back (H2D), plus HOST_LAYER_S of syncs and
-launches. The executor issues micro-batches one after the other and the host's attention sits
-in the compute stream (a host function there, on a GPU), so it overlaps neither the device's
-compute nor the other micro-batches: it adds to
-compute_s; the copy stream keeps prefetching weights meanwhile, so it overlaps stream_s. Both
-read host memory, so a pass also takes at least (cache bytes read and written + streamed
-bytes) / the probe's host memory rate (measured with the CPU reading and H2D running at once),
-the roofline's term too. A prefill at the cache's start attends on the device (its keys are
-its own) and only copies its keys and values to the host.
+With the KV cache of some layers in host memory (KV tiers "cpu" and "split",
+models/host_attention.py) a decode micro-batch has no KV read and no attention FLOPs on the
+device for those layers; instead the device waits in each of them for the host: q, k, v to the
+host (D2H), attention over the cached keys on the CPU, the output back (H2D), plus HOST_LAYER_S
+of syncs and launches. The executor issues micro-batches one after the other and the host's
+attention sits in the compute stream (a host function there, on a GPU), so it overlaps neither
+the device's compute nor the other micro-batches; the copy stream keeps prefetching weights
+meanwhile, into free slots only. So such a pass is modelled unit by unit (_in_order_s): each
+unit computes its share of the device's work plus, for a host layer, its attention (KV bytes /
+the CPU attention rate), once its copy is in; each copy waits for its slot. The CPU attention
+and H2D run at the rates the probe measured with the two beside each other. Both read host
+memory, so a pass also takes at least (cache bytes read and written + streamed bytes) / the
+probe's host memory rate (measured with the CPU reading and H2D running at once), the
+roofline's term too. A prefill at the cache's start attends on the device (its keys are its
+own) and only sends its keys and values to the host, beside the compute.
 
 Rates come from probe.py (measured on this machine, cached). The search tries every KV tier
 (plan.KV_TIERS; search_tiers), prefetch depth, batch and micro-batch count and keeps the most

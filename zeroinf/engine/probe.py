@@ -1,4 +1,5 @@
-"""The machine's rates, measured (about 3 s on a GPU) and cached: the cost model plans from them
+"""The machine's rates, measured (seconds on a GPU, most of them filling and reading the host
+tier's 4 GiB working sets) and cached: the cost model plans from them
 (costmodel.py) and zeroinf-bench reports its roofline against the same measurement.
 
 The cache is JSON in `$ZEROINF_CACHE_DIR` (else `$ZEROINF_CACHE`, the converter's cache folder,
