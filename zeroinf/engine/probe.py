@@ -296,8 +296,10 @@ def last_level_cache_bytes() -> int:
 
 def streaming_bytes(floor: int) -> int:
     """A working set the last-level cache cannot serve: 8 x its size, at least `floor`. A host
-    KV cache is tens of GB read once per step; timing reads of a buffer the cache partly holds
-    (1 GiB against the H100 machine's 300 MiB L3) overstated host memory by up to a third."""
+    KV cache is tens of GB read once per step, and a timing over a buffer the cache could partly
+    hold need not say how fast that is: over one 1 GiB cache (the H100 machine's L3: 300 MiB)
+    the probe's attention read 113.7 GB/s where the run then read 78 (2026-11-24, run 15);
+    torch's sum read 85.6 over 1 GiB and 90.6 over 4 GiB on another machine of the kind."""
     return max(floor, 8 * last_level_cache_bytes())
 
 
