@@ -279,7 +279,7 @@ def measure(
 
         mach["h2d_bytes_per_s_after"] = measure_h2d(device, nbytes=512 << 20)
         mach["h2d_bytes_per_s"] = max(mach["h2d_bytes_per_s"], mach["h2d_bytes_per_s_after"])
-        if plan.kv_tier != "gpu":  # the host memory term of the roofline: the same rule
+        if host_tier:  # the host memory term of the roofline: the same rule
             from zeroinf.engine.probe import measure_host_memory, streaming_bytes
 
             after = measure_host_memory(device, streaming_bytes(4 << 30), 2.0)

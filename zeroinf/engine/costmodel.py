@@ -237,7 +237,7 @@ def _beside_rates(cpu_rate: float, link_rate: float, rates: Rates) -> tuple[floa
     return cpu_rate, link_rate
 
 
-def _host_prefill_s(size: ModelSize, rates: Rates, rows: int, seq: int, host_share: float) -> float:
+def _host_prefill_s(size: ModelSize, host_share: float) -> float:
     """What a prefill chunk's host layers add on the device's path: HOST_LAYER_S each. Their keys
     and values go down on a side stream and into the cache from the writer thread, beside the
     device's compute (predict counts the D2H as a floor of the pass; the thread wrote OPT-30B's
@@ -268,7 +268,8 @@ def predict(
     stream = plan.rank_streamed_bytes / link_rate
     share = plan.streamed_bytes / max(1, size.weight_bytes)
     layers = size.cfg.num_layers
-    host_share = len(plan.kv_host_layers(layers)) / layers  # of the cache, in host memory
+    host_layers = plan.kv_host_layers(layers)
+    host_share = len(host_layers) / layers  # of the cache, in host memory
     host_rate = rates.host_memory_bytes_per_s if host_share else None
 
     def pass_s(
@@ -286,7 +287,7 @@ def predict(
         return over + PASS_OVERHEAD_S
 
     def prefill_s(rows: int) -> float:
-        extra = _host_prefill_s(size, rates, rows, p, host_share) if host_share else 0.0
+        extra = _host_prefill_s(size, host_share) if host_share else 0.0
         return _compute_s(size, rates, rows, p, p) + extra
 
     chunk = max(1, work.prefill_tokens // p)
@@ -307,7 +308,6 @@ def predict(
         device = sum(_host_device_s(size, rates, r, ctx, host_share) for r in parts)
         cpu_rate, link_rate = _beside_rates(_cpu_attn_rate(size, rates), link_rate, rates)
         attention = size.kv_token_bytes // layers * batch * ctx / cpu_rate  # one host layer's
-        host_layers = plan.kv_host_layers(layers)
         compute, copy = [], []
         for pl in plan.placements:
             layer = int(pl.unit[7:]) if pl.unit.startswith("layers.") else None
@@ -386,7 +386,7 @@ def device_kv_layers(plan: Plan, layers: int, n: int) -> tuple[int, ...]:
     link a layer's time with the CPU idle, balancing the two through the pass), then resident
     ones, spread the same way."""
     streamed = [int(p.unit[7:]) for p in plan.streamed if p.unit.startswith("layers.")]
-    rest = [i for i in range(layers) if i not in set(streamed)]
+    rest = sorted(set(range(layers)) - set(streamed))
     chosen: list[int] = []
     for pool in (streamed, rest):
         k = min(n - len(chosen), len(pool))

@@ -1,6 +1,7 @@
 """The physical limit of a generation run (../shared/DESIGN.md, "Measuring"): the sum over
 forward passes of max(streamed bytes / link bandwidth, FLOPs / peak, HBM bytes / HBM bandwidth).
-With the KV cache in host memory (the "cpu" KV tier) the cache's bytes move from the HBM term to
+With the KV cache in host memory (every layer's with the "cpu" KV tier, some layers' with
+"split": their share) the cache's bytes move from the HBM term to
 two more: host memory, which the decode's attention reads the whole cache from while the link
 reads the streamed weights from it too (host bytes / the host memory rate measured with both at
 once), and D2H, which each pass's new keys and values cross. Pure arithmetic, so tests can check
