@@ -135,7 +135,7 @@ static void axpy_scalar(float *acc, float p, const char *v, int64_t D, int dtype
 }
 
 #ifdef ZI_X86
-__attribute__((target("avx2,fma,f16c"))) static inline __m256 load8(const char *p, int64_t i,
+__attribute__((target("avx2,fma,f16c"), always_inline)) static inline __m256 load8(const char *p, int64_t i,
                                                                      int dtype) {
     if (dtype == F32) return _mm256_loadu_ps((const float *)p + i);
     __m128i x = _mm_loadu_si128((const __m128i *)((const uint16_t *)p + i));
@@ -143,50 +143,7 @@ __attribute__((target("avx2,fma,f16c"))) static inline __m256 load8(const char *
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(x), 16));
 }
 
-__attribute__((target("avx2,fma,f16c"))) static float dot_avx2(const float *q, const char *k,
-                                                               int64_t D, int dtype) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-    int64_t d = 0;
-    for (; d + 16 <= D; d += 16) {
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load8(k, d, dtype), a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d + 8), load8(k, d + 8, dtype), a1);
-    }
-    for (; d + 8 <= D; d += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load8(k, d, dtype), a0);
-    a0 = _mm256_add_ps(a0, a1);
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a0), _mm256_extractf128_ps(a0, 1));
-    s = _mm_hadd_ps(s, s);
-    s = _mm_hadd_ps(s, s);
-    float r = _mm_cvtss_f32(s);
-    for (; d < D; d++) r += q[d] * load(k, d, dtype);
-    return r;
-}
-
-__attribute__((target("avx2,fma,f16c"))) static void axpy_avx2(float *acc, float p, const char *v,
-                                                               int64_t D, int dtype) {
-    __m256 pp = _mm256_set1_ps(p);
-    int64_t d = 0;
-    for (; d + 8 <= D; d += 8)
-        _mm256_storeu_ps(acc + d, _mm256_fmadd_ps(pp, load8(v, d, dtype), _mm256_loadu_ps(acc + d)));
-    for (; d < D; d++) acc[d] += p * load(v, d, dtype);
-}
 #endif
-
-static inline float dot(const Job *j, const float *q, const char *k) {
-#ifdef ZI_X86
-    if (j->simd) return dot_avx2(q, k, j->D, j->dtype);
-#endif
-    return dot_scalar(q, k, j->D, j->dtype);
-}
-
-static inline void axpy(const Job *j, float *acc, float p, const char *v) {
-#ifdef ZI_X86
-    if (j->simd) {
-        axpy_avx2(acc, p, v, j->D, j->dtype);
-        return;
-    }
-#endif
-    axpy_scalar(acc, p, v, j->D, j->dtype);
-}
 
 /* Ask for the cache lines of row `t + ahead` of a [T, D] block with row stride `st` bytes: a
  * task's block is a few hundred KB, crossing a page boundary every 4 KiB (16 rows of 128 fp16),
@@ -199,13 +156,179 @@ static inline void prefetch_row(const Job *j, const char *base, int64_t t, int64
 #endif
 }
 
+/* A row's sums times c, where its running max grew. */
+static void rescale(float *acc, int64_t D, float c) {
+    for (int64_t d = 0; d < D; d++) acc[d] *= c;
+}
+
+/* The portable path: key by key, the softmax online. mx, sum: [n_rep] running max and sum. */
+static void attend_portable(const Job *j, const char *kc, const char *vc, const char *m,
+                            const float *qf, float *acc, float *mx, float *sum) {
+    int64_t size = j->dtype == F32 ? 4 : 2, n_rep = j->H / j->Hkv, D = j->D, row = D * size;
+    for (int64_t t = 0; t < j->end; t++) {
+        prefetch_row(j, kc, t, j->k_st * size, row);
+        prefetch_row(j, vc, t, j->v_st * size, row);
+        if (m && !m[t]) continue;
+        for (int64_t r = 0; r < n_rep; r++) {
+            float s = dot_scalar(qf + r * D, kc + t * j->k_st * size, D, j->dtype);
+            if (s > mx[r]) {
+                float c = expf(mx[r] - s); /* 0 at the first visible position */
+                sum[r] *= c;
+                rescale(acc + r * D, D, c);
+                mx[r] = s;
+            }
+            float p = expf(s - mx[r]);
+            sum[r] += p;
+            axpy_scalar(acc + r * D, p, vc + t * j->v_st * size, D, j->dtype);
+        }
+    }
+}
+
+#ifdef ZI_X86
+enum { BLOCK = 16 }; /* keys per block: 4 KiB of keys and 4 KiB of values at D = 128, fp16 */
+
+__attribute__((target("avx2,fma,f16c"), always_inline)) static inline float dot_avx2(const float *q,
+                                                                      const char *k, int64_t D,
+                                                                      int dtype) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t d = 0;
+    for (; d + 32 <= D; d += 32) {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load8(k, d, dtype), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d + 8), load8(k, d + 8, dtype), a1);
+        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d + 16), load8(k, d + 16, dtype), a2);
+        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d + 24), load8(k, d + 24, dtype), a3);
+    }
+    for (; d < D; d += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load8(k, d, dtype), a0);
+    a0 = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a0), _mm256_extractf128_ps(a0, 1));
+    s = _mm_hadd_ps(s, s);
+    s = _mm_hadd_ps(s, s);
+    return _mm_cvtss_f32(s);
+}
+
+/* e^x for 8 floats x <= 0 (softmax weights), Cephes' expf: x = n ln 2 + r with |r| <= ln 2 / 2,
+ * e^r by a degree-6 polynomial, 2^n into the exponent bits; within 2 ulp of expf. Below -87.3
+ * (e^x under float's smallest normal, and -inf) it gives 0; NaN stays NaN. libm's expf, one
+ * call per key, took a fifth of a cache-resident block's time. */
+__attribute__((target("avx2,fma,f16c"), always_inline)) static inline __m256 exp_avx2(__m256 x) {
+    const __m256 lo = _mm256_set1_ps(-87.3f);
+    __m256 tiny = _mm256_cmp_ps(x, lo, _CMP_LT_OQ), nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
+    __m256 xc = _mm256_max_ps(x, lo);
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), xc);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    p = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+    p = _mm256_andnot_ps(tiny, p);
+    return _mm256_blendv_ps(p, x, nan);
+}
+
+/* acc[0:D] += sum_i p[i] * rows[i][0:D]: 64 sums at a time in eight registers, so that eight
+ * FMA chains run side by side and acc is loaded and stored once per block, not once per key. */
+__attribute__((target("avx2,fma,f16c"), always_inline)) static inline void axpy_block_avx2(float *acc, const float *p,
+                                                                     const char *const *rows,
+                                                                     int n, int64_t D,
+                                                                     int dtype) {
+    int64_t d = 0;
+    for (; d + 64 <= D; d += 64) {
+        __m256 a[8];
+        for (int u = 0; u < 8; u++) a[u] = _mm256_loadu_ps(acc + d + 8 * u);
+        for (int i = 0; i < n; i++) {
+            __m256 pp = _mm256_set1_ps(p[i]);
+            for (int u = 0; u < 8; u++)
+                a[u] = _mm256_fmadd_ps(pp, load8(rows[i], d + 8 * u, dtype), a[u]);
+        }
+        for (int u = 0; u < 8; u++) _mm256_storeu_ps(acc + d + 8 * u, a[u]);
+    }
+    for (; d < D; d += 8) {
+        __m256 a = _mm256_loadu_ps(acc + d);
+        for (int i = 0; i < n; i++)
+            a = _mm256_fmadd_ps(_mm256_set1_ps(p[i]), load8(rows[i], d, dtype), a);
+        _mm256_storeu_ps(acc + d, a);
+    }
+}
+
+/* The AVX2 path (D a multiple of 8): BLOCK keys at a time, as flash attention tiles them: the
+ * block's scores (independent dot products, which the core overlaps), one rescale of the sums
+ * where the block raised the max, then its values into the sums. Key by key (the portable
+ * path's order) each key waited for the one before (score, max, exp, then 128 sums loaded and
+ * stored): ~16 GB/s per core on a cache-resident block, where the H100 machine's 16 cores must
+ * each read ~8 GB/s from memory for the whole step; blocked, the arithmetic is a smaller share
+ * of a key's time. Masked keys are left out of the block (neither read nor summed: a masked
+ * slot may never have been written). */
+__attribute__((target("avx2,fma,f16c"), always_inline)) static inline void attend_avx2_typed(
+    const Job *j, const char *kc, const char *vc, const char *m, const float *qf, float *acc,
+    float *mx, float *sum, const int dtype) {
+    int64_t size = dtype == F32 ? 4 : 2, n_rep = j->H / j->Hkv, D = j->D, row = D * size;
+    int64_t kst = j->k_st * size, vst = j->v_st * size;
+    const char *keys[BLOCK], *values[BLOCK];
+    float s[BLOCK] __attribute__((aligned(32)));
+    for (int64_t t0 = 0; t0 < j->end; t0 += BLOCK) {
+        int64_t t1 = t0 + BLOCK < j->end ? t0 + BLOCK : j->end;
+        int n = 0;
+        for (int64_t t = t0; t < t1; t++) {
+            prefetch_row(j, kc, t, kst, row);
+            prefetch_row(j, vc, t, vst, row);
+            if (m && !m[t]) continue;
+            keys[n] = kc + t * kst;
+            values[n++] = vc + t * vst;
+        }
+        for (int64_t r = 0; r < n_rep && n; r++) {
+            float top = mx[r];
+            for (int i = 0; i < n; i++) {
+                s[i] = dot_avx2(qf + r * D, keys[i], D, dtype);
+                top = s[i] > top ? s[i] : top;
+            }
+            if (top > mx[r]) {
+                float c = expf(mx[r] - top); /* 0 at the first visible position */
+                sum[r] *= c;
+                rescale(acc + r * D, D, c);
+                mx[r] = top;
+            }
+            for (int i = n; i < BLOCK; i++) s[i] = -INFINITY; /* e^-inf = 0: no weight */
+            __m256 total = _mm256_setzero_ps(), t8 = _mm256_set1_ps(top);
+            for (int i = 0; i < n; i += 8) {
+                __m256 p = exp_avx2(_mm256_sub_ps(_mm256_load_ps(s + i), t8));
+                _mm256_store_ps(s + i, p);
+                total = _mm256_add_ps(total, p);
+            }
+            __m128 h = _mm_add_ps(_mm256_castps256_ps128(total), _mm256_extractf128_ps(total, 1));
+            h = _mm_hadd_ps(h, h);
+            sum[r] += _mm_cvtss_f32(_mm_hadd_ps(h, h));
+            axpy_block_avx2(acc + r * D, s, values, n, D, dtype);
+        }
+    }
+}
+
+/* attend_avx2_typed with the dtype a constant in each copy (no branch per load). */
+__attribute__((target("avx2,fma,f16c"))) static void attend_avx2(const Job *j, const char *kc,
+                                                                 const char *vc, const char *m,
+                                                                 const float *qf, float *acc,
+                                                                 float *mx, float *sum) {
+    if (j->dtype == F16)
+        attend_avx2_typed(j, kc, vc, m, qf, acc, mx, sum, F16);
+    else if (j->dtype == BF16)
+        attend_avx2_typed(j, kc, vc, m, qf, acc, mx, sum, BF16);
+    else
+        attend_avx2_typed(j, kc, vc, m, qf, acc, mx, sum, F32);
+}
+#endif
+
 /* One (row, kv head): first this step's key and value into the cache at index end - 1 (when
  * given: the cache write and the attention in one pass, so that no torch CPU op runs just
  * before the kernel; torch's OpenMP threads spin for milliseconds after each parallel op and
  * would take the cores this kernel's threads need), then the attention of its n_rep query
- * heads, which share each key and value read. One pass: key t and value t are read together
- * and the softmax is online (a row's sums are rescaled when its running max grows), so each
- * thread keeps two memory streams in flight; scores first and values in a second pass read
+ * heads, which share each key and value read. One pass: key t and value t are read close
+ * together and the softmax is online (a row's sums are rescaled when its running max grows), so
+ * each thread keeps two memory streams in flight; scores first and values in a second pass read
  * 20-28% slower on the H100 machine (tools/bench_host_attention.py --sweep, 2026-11-24).
  * Scratch: the scaled queries and the sums [n_rep, D] each. */
 static void task(const Job *j, int64_t b, int64_t hk, float *qf, float *acc) {
@@ -229,24 +352,12 @@ static void task(const Job *j, int64_t b, int64_t hk, float *qf, float *acc) {
         mx[r] = -INFINITY;
         sum[r] = 0.f;
     }
-    int64_t row = D * size;
-    for (int64_t t = 0; t < end; t++) {
-        prefetch_row(j, kc, t, j->k_st * size, row);
-        prefetch_row(j, vc, t, j->v_st * size, row);
-        if (m && !m[t]) continue;
-        for (int64_t r = 0; r < n_rep; r++) {
-            float s = dot(j, qf + r * D, kc + t * j->k_st * size);
-            if (s > mx[r]) {
-                float c = expf(mx[r] - s); /* 0 at the first visible position */
-                sum[r] *= c;
-                for (int64_t d = 0; d < D; d++) acc[r * D + d] *= c;
-                mx[r] = s;
-            }
-            float p = expf(s - mx[r]);
-            sum[r] += p;
-            axpy(j, acc + r * D, p, vc + t * j->v_st * size);
-        }
-    }
+#ifdef ZI_X86
+    if (j->simd)
+        attend_avx2(j, kc, vc, m, qf, acc, mx, sum);
+    else
+#endif
+        attend_portable(j, kc, vc, m, qf, acc, mx, sum);
     for (int64_t r = 0; r < n_rep; r++) {
         char *o = j->out + (b * j->o_sb + (hk * n_rep + r) * D) * size;
         float inv = sum[r] > 0.f ? 1.f / sum[r] : 0.f;
@@ -303,7 +414,7 @@ static int parse_job(PyObject *args, Job *j) {
     j->mask = (const char *)(uintptr_t)mask;
     j->k_new = (const char *)(uintptr_t)k_new;
     j->v_new = (const char *)(uintptr_t)v_new;
-    j->simd = !portable && cpu_has_avx2();
+    j->simd = !portable && j->D % 8 == 0 && cpu_has_avx2();
     if (j->threads < 1) j->threads = 1;
     if (j->threads > j->B * j->Hkv) j->threads = (int)(j->B * j->Hkv > 0 ? j->B * j->Hkv : 1);
     return 1;

@@ -12,6 +12,7 @@ Prints a table last; --json writes the figures.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -19,6 +20,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -81,27 +83,48 @@ def attention_s(
     return seconds(run, torch.device("cpu"), 5), nbytes, run
 
 
-def kernel_sweep(b: int, h: int, t: int, d: int, cuda: torch.device | None) -> list[tuple]:
+def load_module(path: Path) -> ModuleType:
+    """A build of native/host_attn.c at `path` (another version of the kernel, for an A/B in
+    one call: tools/device_run.sh's hattnab stage builds the previous commit's)."""
+    spec = importlib.util.spec_from_file_location("_native_attn", path)
+    assert spec is not None and spec.loader is not None, path
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def kernel_sweep(
+    b: int, h: int, t: int, d: int, cuda: torch.device | None, baseline: Path | None = None
+) -> list[tuple]:
     """(name, GB/s alone, GB/s beside H2D, H2D GB/s beside it) of the native kernel at
-    several software prefetch distances over one fp16 cache."""
+    several software prefetch distances over one fp16 cache; with `baseline`, that build's at
+    0 and 8 rows too, in turn with this one's (machines differ more than kernels do)."""
     kv = cache(b, h, t, d, torch.float16)
     q = torch.randn(b, h, 1, d).to(torch.float16)
     mask = torch.ones(b, 1, 1, t, dtype=torch.bool)
     out = torch.empty(b, 1, h * d, dtype=torch.float16)
     nbytes = kv.k.nbytes + kv.v.nbytes
+    current = ha.native
+    variants = [("", current, a) for a in (0, 4, 8, 16, 32)]
+    if baseline is not None:
+        old = load_module(baseline)
+        variants = [v for a in (0, 8) for v in (("baseline, ", old, a), ("", current, a))]
+        variants += [("", current, a) for a in (4, 16, 32)]
     rows = []
-    for ahead in (0, 4, 8, 16, 32):
+    for label, module, ahead in variants:
 
         def run(ahead: int = ahead) -> None:
             assert ha.native_decode(q, kv, t, mask, d**-0.5, out, ahead=ahead)
 
-        name = f"prefetch {ahead} rows ahead"
+        name = f"{label}prefetch {ahead} rows ahead"
+        ha.native = module
         time.sleep(0.1)  # torch's OpenMP threads quiet
         alone = nbytes / seconds(run, torch.device("cpu"), 5) / GB
         beside = copied = float("nan")
         if cuda is not None:
             copied, calls = concurrent_with_h2d(run, cuda, 1.5)
             beside, copied = calls * nbytes / GB, copied / GB
+        ha.native = current
         rows.append((name, alone, beside, copied))
         print(f"kernel sweep: {name}: {alone:.1f} GB/s alone, {beside:.1f} beside H2D "
               f"({copied:.1f} GB/s H2D)", flush=True)  # fmt: skip
@@ -157,6 +180,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--quick", action="store_true", help="the tier's own fp16 path only")
     ap.add_argument("--sweep", action="store_true", help="only the native kernel's variants")
+    ap.add_argument("--baseline", type=Path, help="with --sweep: another build of the kernel (.so)")
     a = ap.parse_args()
     flags = ""
     try:
@@ -169,7 +193,7 @@ def main() -> None:
         print(f"(system info: {e})")
     if a.sweep:
         cuda = torch.device("cuda") if torch.cuda.is_available() else None
-        sweep = kernel_sweep(a.batch, a.heads, a.ctx, a.head_dim, cuda)
+        sweep = kernel_sweep(a.batch, a.heads, a.ctx, a.head_dim, cuda, a.baseline)
         print("\n| kernel variant | alone GB/s | beside H2D GB/s | H2D beside it GB/s |")
         print("|---|---|---|---|")
         for name, *figures in sweep:

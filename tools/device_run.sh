@@ -2,7 +2,7 @@
 # One call on the GPU machine: build the native reader, check, and measure, stage by stage.
 #   bash tools/device_run.sh [STAGE ...]      (default: build models kernels io b32 b96 nvme)
 # Stages: build models kernels io gputest b32 b32t b96 b96m nvme ttft q30 q30e q30kv p30 p30kv
-#   p30c p30p3 hattn hattns profh profhp prof refill mgpu (see docs/benchmarks.md).
+#   p30c p30p3 hattn hattns hattnab profh profhp prof refill mgpu (see docs/benchmarks.md).
 # Every stage's output goes to $OUT/all.log; JSON results to $OUT/*.json; a table comes last.
 set -u
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
@@ -74,6 +74,11 @@ print(write_shape('llama-2-7b', torch.float16, '$NVME'))"
       --gen-len 2 ;;  # host KV tier: the device's kernels in the prefill
     hattn) run hattn 300 python tools/bench_host_attention.py --json "$OUT/hattn.json" ;;  # issue 7
     hattns) run hattns 200 python tools/bench_host_attention.py --sweep --json "$OUT/hattns.json" ;;
+    # the kernel against the one at build/baseline/host_attn.c (copy it there and carry build/baseline)
+    hattnab) run hattnab 300 bash -c 'set -e; b=build/baseline; gcc -O3 -Wall -std=gnu11 -pthread \
+      -shared -fPIC $(python3-config --includes) $b/host_attn.c -o $b/_native_attn.so -ldl; \
+      python tools/bench_host_attention.py --sweep --baseline $b/_native_attn.so \
+      --json "$0/hattnab.json"' "$OUT" ;;
     hattnq) run hattnq 200 python tools/bench_host_attention.py --quick --json "$OUT/hattnq.json" ;;
     refill) run refill 570 python tools/bench_refill.py --json "$OUT/refill.json" ;;  # issue 9, ~6.5 min
     p30) bench p30 500 --model opt-30b --offload cpu --gpu-memory 24GiB --batch-size auto \

@@ -96,6 +96,31 @@ def test_native_decode_views_and_unmasked_rows() -> None:
     assert not out.any()
 
 
+@pytest.mark.parametrize("portable", [False, True])
+def test_native_decode_blocks_masked_whole_and_unwritten(portable: bool) -> None:
+    """Left padding over whole 16-key blocks and partly into one, slots past the padding that
+    were never written (NaN: a masked key is neither read into a score nor summed), scores that
+    span a wide range (weights below float's smallest normal), a context that ends inside a
+    block; fp16 and float32."""
+    B, H, T, D, end = 3, 4, 96, 128, 77
+    g = torch.Generator().manual_seed(11)
+    for dtype in (torch.float32, torch.float16):
+        k = torch.randn(B, H, T, D, generator=g) * torch.tensor([1.0, 8.0, 30.0]).view(B, 1, 1, 1)
+        v = torch.randn(B, H, T, D, generator=g)
+        pad = torch.tensor([0, 37, 64])  # row 2: four whole blocks masked
+        for b, n in enumerate(pad.tolist()):
+            k[b, :, :n], v[b, :, :n] = float("nan"), float("nan")  # never written
+        kv = LayerKV(k.to(dtype), v.to(dtype), host=True)
+        q = torch.randn(B, H, 1, D, generator=g).to(dtype)
+        mask = (torch.arange(end) >= pad.view(B, 1)).view(B, 1, 1, end)
+        out = torch.empty(B, 1, H * D, dtype=dtype)
+        assert ha.native_decode(q, kv, end, mask, D**-0.5, out, portable=portable)
+        assert not out.isnan().any()
+        clean = LayerKV(kv.k.nan_to_num(0.0), kv.v.nan_to_num(0.0), host=True)
+        want = _reference(q, clean, end, mask, D**-0.5)
+        torch.testing.assert_close(out.double(), want, rtol=0, atol=TOL[dtype])
+
+
 def test_native_decode_declines_what_it_does_not_do() -> None:
     q, kv, mask = _case(2, 4, 4, 8, 16, 8, torch.float32, seed=3)
     out = torch.empty(2, 1, 64)
