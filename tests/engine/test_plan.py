@@ -36,6 +36,20 @@ def test_some_resident_fill_the_budget_without_exceeding_it() -> None:
     assert all(b - a > 1 for a, b in zip(idx, idx[1:], strict=False)), idx
 
 
+@pytest.mark.parametrize("layers", [8, 48])
+def test_resident_layers_evenly_spaced(layers: int) -> None:
+    """At every count that fits, k resident among n equal layers leave runs of streamed layers
+    no longer than ceil(n / k) - 1 (18 of 48: runs of at most two, where the bit-reversal
+    order left runs of three)."""
+    units = [(f"layers.{i}", 300) for i in range(layers)]
+    for k in range(1, layers - 2):  # k + 2 slots = n: everything resident
+        plan = make_plan(units, gpu_budget=(k + 2) * 300, prefetch=2, device="cpu")
+        res = [i for i, p in enumerate(plan.placements) if p.tier == "gpu"]
+        assert len(res) == k
+        runs = [b - a - 1 for a, b in zip([-1, *res], [*res, layers], strict=True)]
+        assert max(runs) <= -(-layers // k) - 1, (k, res)
+
+
 def test_budget_below_the_slots_names_the_numbers() -> None:
     with pytest.raises(PlanError, match=r"cannot hold 2 streaming slot\(s\)"):
         make_plan(UNITS, gpu_budget=599, prefetch=2, device="cpu")

@@ -234,6 +234,27 @@ def _spread_order(n: int) -> list[int]:
     return [i for i in order if i < n]
 
 
+def _even(resident: set[int], size: list[int], host: dict[int, int]) -> set[int]:
+    """`resident` with the members of each group of equal-sized units (a model's layers) moved
+    to evenly spaced places in the group: the same bytes (and slot size), and the streamed
+    units between two resident ones as few as can be. The bit-reversal order spreads a prefix
+    evenly only at powers of two: 18 of OPT-30B's 48 layers left runs of three streamed layers,
+    and with the cache in host memory (a layer's attention taking as long as a streamed layer's
+    copy) two slots cannot hide a run of three (the decode step waited ~0.3 s for weights,
+    nvidia-h100-x1, 2026-11-24)."""
+    groups: dict[int, list[int]] = {}
+    for i, nb in enumerate(size):
+        if i not in host:
+            groups.setdefault(nb, []).append(i)
+    out = set(resident)
+    for members in groups.values():
+        k = sum(i in resident for i in members)
+        if 0 < k < len(members):
+            out -= set(members)
+            out |= {members[(2 * j + 1) * len(members) // (2 * k)] for j in range(k)}
+    return out
+
+
 def make_plan(
     units: list[tuple[str, int]],
     gpu_budget: int,
@@ -312,6 +333,7 @@ def _placements(
     for i in order:
         if i not in resident and need(resident | {i}) <= gpu_budget:
             resident.add(i)
+    resident = _even(resident, size, host)
     placements = tuple(
         Placement(name, nb, "host", host[i])
         if i in host
