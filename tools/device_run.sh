@@ -2,7 +2,7 @@
 # One call on the GPU machine: build the native reader, check, and measure, stage by stage.
 #   bash tools/device_run.sh [STAGE ...]      (default: build models kernels io b32 b96 nvme)
 # Stages: build models kernels io gputest b32 b32t b96 b96m nvme ttft q30 q30e q30kv p30 p30kv
-#   p30c p30p3 p30mb p30m1 hattn hattns hattnab profh profhp prof refill mgpu (see docs/benchmarks.md).
+#   p30c p30p3 hattn hattns hattnab profh profhp prof refill mgpu (see docs/benchmarks.md).
 # Every stage's output goes to $OUT/all.log; JSON results to $OUT/*.json; a table comes last.
 set -u
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
@@ -85,10 +85,6 @@ print(write_shape('llama-2-7b', torch.float16, '$NVME'))"
       --prompt-len 512 --gen-len 32 ;;
     p30p3) bench p30p3 500 --trace --model opt-30b --offload cpu --gpu-memory 24GiB --batch-size auto \
       --prefetch 3 --prompt-len 512 --gen-len 32 ;;  # the planner may take a third slot
-    p30mb) bench p30mb 500 --trace --model opt-30b --offload cpu --gpu-memory 24GiB --batch-size 96 \
-      --micro-batch 48 --kv-tier cpu --prompt-len 512 --gen-len 32 ;;  # two overlapping micro-batches
-    p30m1) bench p30m1 500 --trace --model opt-30b --offload cpu --gpu-memory 24GiB --batch-size 96 \
-      --micro-batch 96 --kv-tier cpu --prompt-len 512 --gen-len 32 ;;  # p30mb's A: one micro-batch
     p30kv) bench p30kv 500 --model opt-30b --offload cpu --gpu-memory 24GiB --batch-size auto \
       --kv-dtype int8 --prompt-len 512 --gen-len 32 ;;
     p30c) bench p30c 500 --model opt-30b --offload cpu --gpu-memory 24GiB --batch-size auto \
