@@ -10,7 +10,7 @@ values on all of torch's intra-op threads. On a GPU the kernel is queued in the 
 as a host function, after those copies and before the output's copy back: no host sync, and
 the calling thread queues the next layers meanwhile (InFlight keeps the buffers alive, and the
 executor waits for it all at the end of each pass). The kernel is bound by host memory bandwidth
-(91 GB/s at OPT-30B's batch-96 step on the H100 machine's 16 cores, against 50-61 GB/s for
+(106 GB/s at OPT-30B's batch-96 step on the H100 machine's 16 cores, against 50-61 GB/s for
 torch's CPU SDPA, which converts 16-bit inputs far below memory speed: docs/benchmarks.md).
 Anything else (an int8 cache, a chunk of several tokens over earlier entries) writes with
 write_kv (int8 quantized by the float32 torch reference, kernels.kv_quant) and attends with
