@@ -131,6 +131,42 @@ def kernel_sweep(
     return rows
 
 
+def queued_vs_direct(
+    b: int, h: int, t: int, d: int, cuda: torch.device, layers: int = 4
+) -> list[tuple]:
+    """(name, GB/s alone, GB/s beside H2D, H2D GB/s beside it) of the kernel over `layers`
+    layers' caches in turn (more than the L3 holds), called from this thread, and queued in a
+    CUDA stream as the tier runs it in a decode step (host functions on the driver's thread,
+    synced once at the end): whether the run's path reads slower than the probe's."""
+    kvs = [cache(b, h, t, d, torch.float16) for _ in range(layers)]
+    q = torch.randn(b, h, 1, d).to(torch.float16)
+    mask = torch.ones(b, 1, 1, t, dtype=torch.bool)
+    out = torch.empty(b, 1, h * d, dtype=torch.float16)
+    nbytes = layers * (kvs[0].k.nbytes + kvs[0].v.nbytes)
+    stream = torch.cuda.Stream(cuda)
+    done = torch.cuda.Event(blocking=True)
+
+    def direct() -> None:
+        for kv in kvs:
+            assert ha.native_decode(q, kv, t, mask, d**-0.5, out)
+
+    def queued() -> None:
+        for kv in kvs:
+            assert ha.native_decode(q, kv, t, mask, d**-0.5, out, stream=stream)
+        done.record(stream)
+        done.synchronize()
+
+    rows = []
+    for name, run in (("called directly", direct), ("queued in a stream", queued),
+                      ("called directly, again", direct)):  # fmt: skip
+        time.sleep(0.1)
+        alone = nbytes / seconds(run, torch.device("cpu"), 5) / GB
+        copied, calls = concurrent_with_h2d(run, cuda, 1.5)
+        rows.append((f"{layers} layers, {name}", alone, calls * nbytes / GB, copied / GB))
+        print(f"path: {rows[-1]}", flush=True)
+    return rows
+
+
 def cache_sum_bytes_per_s(b: int, h: int, t: int, d: int) -> float:
     """Bytes/s of torch's sum over an fp16 host cache's own memory (viewed as float32)."""
     kv = cache(b, h, t, d, torch.float16)
@@ -194,6 +230,8 @@ def main() -> None:
     if a.sweep:
         cuda = torch.device("cuda") if torch.cuda.is_available() else None
         sweep = kernel_sweep(a.batch, a.heads, a.ctx, a.head_dim, cuda, a.baseline)
+        if cuda is not None:
+            sweep += queued_vs_direct(a.batch, a.heads, a.ctx, a.head_dim, cuda)
         print("\n| kernel variant | alone GB/s | beside H2D GB/s | H2D beside it GB/s |")
         print("|---|---|---|---|")
         for name, *figures in sweep:

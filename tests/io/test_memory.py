@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from itertools import pairwise
+from pathlib import Path
 
 import pytest
 import torch
 from io_helpers import TIMEOUT
 
 from zeroinf.io import PinnedArena, aligned_empty, open_reader
-from zeroinf.io.memory import _pack
+from zeroinf.io.memory import _pack, huge_page_share
 
 PAGE = 4096
 
@@ -90,3 +91,19 @@ def test_nvme_to_pinned_to_gpu(backend, make_file):
                 out[i * 32 * PAGE : (i + 1) * 32 * PAGE].copy_(slot, non_blocking=True)
         stream.synchronize()
     assert out.cpu().numpy().tobytes() == data
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs /proc/self/smaps")
+def test_huge_page_share_reads_the_tensors_own_mapping() -> None:
+    """Against the kernel's own count for the mapping: a 64 MiB aligned_empty buffer, touched,
+    is all resident; its huge-page share is AnonHugePages / Rss of that mapping, which THP's
+    setting decides (0 with "never"); no tensor, no share."""
+    buf = aligned_empty(64 << 20).zero_()
+    share = huge_page_share([buf])
+    assert share is not None and 0 <= share <= 1
+    mode = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    if "[never]" in mode:
+        assert share == 0
+    if "[madvise]" in mode:  # only what asked for them: not the heap's mapping of a small tensor
+        assert huge_page_share([torch.ones(1000)]) == 0
+    assert huge_page_share([]) is None

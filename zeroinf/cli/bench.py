@@ -272,6 +272,11 @@ def measure(
     model.generate(ids, max_new_tokens=a.gen_len)
     st = model.last_stats
     host_stats = take_stats() if host_tier else None
+    if host_stats is not None:  # how much of the host cache the kernel reads through huge pages
+        from zeroinf.io.memory import huge_page_share
+
+        cache = [x for kv in model._decode.kv if kv.host for x in (kv.k, kv.v)]
+        host_stats["huge_page_share"] = huge_page_share(cache)
     profile = model.prefetcher.copy_profile() if a.trace and device.type == "cuda" else {}
     plan = model.plan
     if device.type == "cuda":  # H2D is noisy on a shared host: measure again, count the faster
@@ -388,7 +393,8 @@ def print_table(r: dict[str, Any]) -> None:
         print(
             f"  host attention: {h['kernel_s_per_step']:.3f} s of each decode step in the kernel "
             f"({h['kernel_bytes_per_s'] / GB:.1f} GB/s of cache read); prompt keys written in "
-            f"{h['writer_s']:.2f} s ({h['writer_bytes'] / GB:.1f} GB)"
+            f"{h['writer_s']:.2f} s ({h['writer_bytes'] / GB:.1f} GB); huge pages "
+            f"{h.get('huge_page_share') or 0:.2f} of its mappings"
         )
     print(
         f"\n{r['model']} {r['dtype']} on {r['device_name']} ({r['date']}), offload "

@@ -14,7 +14,8 @@ import logging
 import mmap
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import torch
 
@@ -61,6 +62,31 @@ def aligned_empty(nbytes: int, pin: bool = False) -> torch.Tensor:
     if _can_pin(pin):
         buf.pin(whole.data_ptr(), size)
     return whole[:nbytes]
+
+
+def huge_page_share(tensors: Iterable[torch.Tensor]) -> float | None:
+    """The share of the resident bytes of the memory mappings holding these host tensors that
+    transparent huge pages back (/proc/self/smaps: AnonHugePages / Rss; None where there is no
+    such file or no tensor). The kernel merges adjacent anonymous mappings of equal flags, so a
+    mapping may hold more than these tensors. THP in "madvise" mode (aligned_empty asks for it)
+    gives huge pages only where the kernel finds free 2 MiB blocks at the first touch, which a
+    nearly full host may not have."""
+    try:
+        text = Path("/proc/self/smaps").read_text()
+    except OSError:
+        return None
+    spans: dict[tuple[int, int], dict[str, int]] = {}  # (start, end) -> Rss, AnonHugePages
+    fields: dict[str, int] = {}
+    for line in text.splitlines():
+        head = line.split(maxsplit=1)[0]
+        if not head.endswith(":"):  # "start-end perms offset dev inode path": a new mapping
+            lo, hi = head.split("-")
+            fields = spans.setdefault((int(lo, 16), int(hi, 16)), {})
+        elif head in ("Rss:", "AnonHugePages:"):
+            fields[head] = int(line.split()[1]) * 1024
+    held = {span for t in tensors for span in spans if span[0] <= t.data_ptr() < span[1]}
+    rss = sum(spans[span].get("Rss:", 0) for span in held)
+    return sum(spans[span].get("AnonHugePages:", 0) for span in held) / rss if rss else None
 
 
 class PinnedArena:
