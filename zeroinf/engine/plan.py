@@ -239,9 +239,10 @@ def _even(resident: set[int], size: list[int], host: dict[int, int]) -> set[int]
     to evenly spaced places in the group: the same bytes (and slot size), and the streamed
     units between two resident ones as few as can be. The bit-reversal order spreads a prefix
     evenly only at powers of two: 18 of OPT-30B's 48 layers left runs of three streamed layers,
-    and with the cache in host memory (a layer's attention taking as long as a streamed layer's
-    copy) two slots cannot hide a run of three (the decode step waited ~0.3 s for weights,
-    nvidia-h100-x1, 2026-11-24)."""
+    which two slots cannot hide when a layer computes for less than a copy takes (with the cache
+    in host memory: ~17-22 ms of attention against ~24 ms of copy). The cost model predicts 4-6%
+    off that step; runs with either layout still waited ~0.35 s per step for weights
+    (docs/benchmarks.md, nvidia-h100-x1, 2026-11-24)."""
     groups: dict[int, list[int]] = {}
     for i, nb in enumerate(size):
         if i not in host:
