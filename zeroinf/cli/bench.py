@@ -390,12 +390,12 @@ def print_table(r: dict[str, Any]) -> None:
         print(f"  host time per decode pass {r['host_pass_s'] * 1e3:.1f} ms")
     h = r.get("host_attention")
     if h and h["kernel_calls"]:
+        share = h.get("huge_page_share")
+        huge = f"{share:.2f} of its mappings" if share is not None else "unknown"
         print(
             f"  host attention: {h['kernel_s_per_step']:.3f} s of each decode step in the kernel "
             f"({h['kernel_bytes_per_s'] / GB:.1f} GB/s of cache read); prompt keys written in "
-            f"{h['writer_s']:.2f} s ({h['writer_bytes'] / GB:.1f} GB); huge pages: "
-            + (f"{share:.2f} of its mappings" if (share := h.get("huge_page_share")) is not None
-               else "unknown")  # fmt: skip
+            f"{h['writer_s']:.2f} s ({h['writer_bytes'] / GB:.1f} GB); huge pages: {huge}"
         )
     print(
         f"\n{r['model']} {r['dtype']} on {r['device_name']} ({r['date']}), offload "
