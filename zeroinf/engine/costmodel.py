@@ -66,9 +66,9 @@ HOST_LAYER_S = 100e-6
 # The native kernel's cache read rate inside a decode run, as a share of the probe's (the kernel
 # timed beside H2D over 4 GiB of cache): 0.82-0.95, mean 0.88, over six OPT-30B batch-96 runs of
 # the "cpu" tier (docs/benchmarks.md, runs 18-23, nvidia-h100-x1, 2026-11-24), fitted on them
-# (their errors there are the code's before this share; run 24 is out of sample). Queued in a
-# CUDA stream as in a run, the kernel read as fast as called directly (stage hattns, same day):
-# the cause is elsewhere in the run.
+# (their errors there are the code's before this share; out of sample, runs 24-25: +14.0% and
+# +27.7%, the second's kernel at 0.79 of the probe's rate). Queued in a CUDA stream as in a run,
+# the kernel read as fast as called directly (stage hattns, same day): the cause is elsewhere.
 HOST_ATTN_IN_RUN = 0.88
 MICRO_BATCHES = (1, 2, 4, 8)  # micro-batch counts tried
 
