@@ -20,6 +20,7 @@ from kernels.act import (
 from kernels.attention import decode_attention, decode_attention_ref
 from kernels.kv_quant import dequantize_kv, quantize_kv, quantize_kv_ref, quantize_kv_triton
 from kernels.norm import layer_norm, layer_norm_ref, rms_norm, rms_norm_ref
+from kernels.pinned_copy import copy_from_pinned, copy_from_pinned_ref
 from kernels.qmatmul import QConfig, dequantize_into, qmatmul, qmatmul_ref
 from kernels.quant import dequantize, error_bound, pack_int4, quant_info, quantize, unpack_int4
 from kernels.rotary import apply_rotary_, apply_rotary_ref
@@ -38,6 +39,8 @@ __all__ = [
     "activation_ref",
     "apply_rotary_",
     "apply_rotary_ref",
+    "copy_from_pinned",
+    "copy_from_pinned_ref",
     "decode_attention",
     "decode_attention_ref",
     "dequantize",

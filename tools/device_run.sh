@@ -2,7 +2,7 @@
 # One call on the GPU machine: build the native reader, check, and measure, stage by stage.
 #   bash tools/device_run.sh [STAGE ...]      (default: build models kernels io b32 b96 nvme)
 # Stages: build models kernels io gputest b32 b32t b96 b96m nvme ttft q30 q30e q30kv p30 p30kv
-#   p30c p30p3 p30ck copyc hattn hattns hattnab profh profhp prof refill mgpu (see docs/benchmarks.md).
+#   p30c p30p3 p30ck p30sm copyc hattn hattns hattnab profh profhp prof refill mgpu (see docs/benchmarks.md).
 # Every stage's output goes to $OUT/all.log; JSON results to $OUT/*.json; a table comes last.
 set -u
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
@@ -84,6 +84,9 @@ print(write_shape('llama-2-7b', torch.float16, '$NVME'))"
     p30ck) run p30ck 500 env ZEROINF_COPY_CHUNK=64MiB python -m zeroinf.cli.bench \
       --json "$OUT/p30ck.json" --trace --model opt-30b --offload cpu --gpu-memory 24GiB \
       --batch-size auto --prompt-len 512 --gen-len 32 ;;  # p30 with units copied in 64 MiB pieces
+    p30sm) run p30sm 500 env ZEROINF_HOST_OUT=sm python -m zeroinf.cli.bench \
+      --json "$OUT/p30sm.json" --trace --model opt-30b --offload cpu --gpu-memory 24GiB \
+      --batch-size auto --prompt-len 512 --gen-len 32 ;;  # p30, each output read by the GPU's cores
     hattnq) run hattnq 200 python tools/bench_host_attention.py --quick --json "$OUT/hattnq.json" ;;
     refill) run refill 570 python tools/bench_refill.py --json "$OUT/refill.json" ;;  # issue 9, ~6.5 min
     p30) bench p30 500 --model opt-30b --offload cpu --gpu-memory 24GiB --batch-size auto \

@@ -453,6 +453,17 @@ def test_auto_load_with_the_host_tier(tmp_path: Path) -> None:
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+def test_host_out_mode_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ZEROINF_HOST_OUT (an A/B switch of the host tier's output copy) names itself when wrong;
+    "copy" is torch's copy (on a CPU-only machine the tier never calls it: no device)."""
+    out = torch.arange(6.0).view(1, 2, 3)
+    monkeypatch.setenv("ZEROINF_HOST_OUT", "dma")
+    with pytest.raises(ConfigError, match="ZEROINF_HOST_OUT='dma': use one of copy, sm"):
+        ha._to_device(out, torch.device("cpu"))
+    monkeypatch.setenv("ZEROINF_HOST_OUT", "copy")
+    assert torch.equal(ha._to_device(out, torch.device("cpu")), out)
+
+
 def test_bench_kv_tier(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "run.json"
     argv = ["--model", "tiny-llama", "--device", "cpu", "--prompt-len", "8", "--gen-len", "3",
@@ -477,10 +488,14 @@ def test_bench_kv_tier(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("kv_dtype", [None, "int8"])
-def test_host_tier_on_cuda_equals_device_tier(tmp_path: Path, kv_dtype: str | None) -> None:
+@pytest.mark.parametrize("host_out", ["copy", "sm"])  # ZEROINF_HOST_OUT: the output's way back
+def test_host_tier_on_cuda_equals_device_tier(
+    tmp_path: Path, kv_dtype: str | None, host_out: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """On a GPU: pinned staging, prompts' attention on the device, decode without CUDA graphs,
     refill prefills at later cache indices; float32 tokens equal the device tier's (with its
-    graphs)."""
+    graphs), the attention output brought back by the copy engine or the GPU's cores."""
+    monkeypatch.setenv("ZEROINF_HOST_OUT", host_out)
     save_tiny_hf(tmp_path / "hf", "llama", seed=5)
     path = convert(tmp_path / "hf", tmp_path / "zi", progress=False)
     ids, mask = tiny_prompts(64)

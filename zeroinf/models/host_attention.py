@@ -34,12 +34,14 @@ from __future__ import annotations
 import collections
 import importlib
 import logging
+import os
 from types import ModuleType
 from typing import Any
 
 import torch
 from torch.profiler import record_function
 
+from zeroinf.errors import ConfigError
 from zeroinf.models.base import LayerKV
 from zeroinf.models.host_transfer import to_host, writer
 from zeroinf.models.layers import sdpa, step_keys, write_kv
@@ -109,10 +111,28 @@ def attend_host(
             _attend_torch(hq, kv, end, hmask, scale, out, fresh)
     if not cuda:
         return out
-    result = out.to(q.device, non_blocking=True)
+    result = _to_device(out, q.device)
     if queued:
         in_flight.add(hq, hk, hv, hmask, out)
     return result
+
+
+HOST_OUT_MODES = ("copy", "sm")
+
+
+def _to_device(out: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The pinned attention output [B, S, H * D] on `device`, stream-ordered: by the copy
+    engine, or with ZEROINF_HOST_OUT=sm read over PCIe by the GPU's cores
+    (kernels.copy_from_pinned), so that it does not wait behind a streamed unit's copy on the
+    copy engine. An A/B switch (docs/benchmarks.md, stage p30sm), not measured yet."""
+    mode = os.environ.get("ZEROINF_HOST_OUT", "copy")
+    if mode not in HOST_OUT_MODES:
+        raise ConfigError(f"ZEROINF_HOST_OUT={mode!r}: use one of {', '.join(HOST_OUT_MODES)}")
+    if mode == "copy":
+        return out.to(device, non_blocking=True)
+    from kernels import copy_from_pinned
+
+    return copy_from_pinned(out, torch.empty(out.shape, dtype=out.dtype, device=device))
 
 
 class InFlight:
