@@ -78,6 +78,11 @@ class Prefetcher:
         trace: Trace | None = None,
         group: RankGroup | None = None,
     ) -> None:
+        # For A/B measurements (tools/bench_copy_contention.py): copy a unit in pieces of this
+        # many bytes, so that a small H2D copy on the compute stream (the host KV tier's output,
+        # per layer) need not wait for the whole unit on the copy engine. Unset: one copy.
+        # Read first: a bad value fails before anything is allocated.
+        self.copy_chunk = parse_bytes(os.environ.get("ZEROINF_COPY_CHUNK"), "ZEROINF_COPY_CHUNK")
         self.ckpt, self.plan, self.device, self.group = ckpt, plan, device, group
         self.world = group.world if group else 1
         self.units: tuple[UnitEntry, ...] = ckpt.units
@@ -126,10 +131,6 @@ class Prefetcher:
         # release() and no thread hands work over (a Python thread waking for each copy waits
         # for the GIL, and the link idles meanwhile). NVMe reads block, and a CPU-only run has
         # no copy engine: there a worker thread stands in for the copy stream.
-        # For A/B measurements (tools/bench_copy_contention.py): copy a unit in pieces of this
-        # many bytes, so that a small H2D copy on the compute stream (the host KV tier's output,
-        # per layer) need not wait for the whole unit on the copy engine. Unset: one copy.
-        self.copy_chunk = parse_bytes(os.environ.get("ZEROINF_COPY_CHUNK"), "ZEROINF_COPY_CHUNK")
         self.inline = (
             self.cuda
             and all(self.plan.placements[j].tier == "cpu" for j in self.streamed)
