@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from zeroinf.engine.plan import _ranges, _spread_order, make_plan
+from zeroinf.engine.plan import _ranges, make_plan
 from zeroinf.engine.roofline import Machine, ModelCost, roofline_seconds
 from zeroinf.errors import PlanError
 from zeroinf.format import Manifest, TensorEntry, UnitEntry
@@ -122,11 +122,6 @@ def test_plan_with_a_host_table_never_exceeds_budget(
     except PlanError:
         return
     assert plan.streamed_bytes <= plain.streamed_bytes
-
-
-@pytest.mark.parametrize("n", [1, 2, 5, 8, 40])
-def test_spread_order_is_a_permutation(n: int) -> None:
-    assert sorted(_spread_order(n)) == list(range(n))
 
 
 def test_ranges() -> None:

@@ -49,7 +49,7 @@ import numpy as np
 
 from zeroinf.engine.gather import gathered_bytes
 from zeroinf.engine.kvcache import kv_token_bytes
-from zeroinf.engine.plan import KV_TIERS, STREAMED_TIERS, Plan, make_plan
+from zeroinf.engine.plan import KV_TIERS, STREAMED_TIERS, Plan, layer_index, make_plan
 from zeroinf.engine.probe import Rates
 from zeroinf.engine.roofline import ModelCost
 from zeroinf.errors import ConfigError, PlanError
@@ -318,9 +318,8 @@ def predict(
         attention = size.kv_token_bytes // layers * batch * ctx / cpu_rate  # one host layer's
         compute, copy = [], []
         for pl in plan.placements:
-            layer = int(pl.unit[7:]) if pl.unit.startswith("layers.") else None
             own = device * pl.nbytes / size.weight_bytes
-            compute.append(own + attention if layer in host_layers else own)
+            compute.append(own + attention if layer_index(pl.unit) in host_layers else own)
             streamed = pl.tier in STREAMED_TIERS
             copy.append(padded_size(pl.nbytes, plan.world) / plan.world / link_rate if streamed
                         else None)  # fmt: skip
@@ -393,7 +392,7 @@ def device_kv_layers(plan: Plan, layers: int, n: int) -> tuple[int, ...]:
     spread evenly over them (a streamed layer whose attention stays on the device gives the
     link a layer's time with the CPU idle, balancing the two through the pass), then resident
     ones, spread the same way."""
-    streamed = [int(p.unit[7:]) for p in plan.streamed if p.unit.startswith("layers.")]
+    streamed = [i for p in plan.streamed if (i := layer_index(p.unit)) is not None]
     rest = sorted(set(range(layers)) - set(streamed))
     chosen: list[int] = []
     for pool in (streamed, rest):

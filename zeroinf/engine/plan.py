@@ -202,6 +202,11 @@ class Plan:
         return "\n".join(lines)
 
 
+def layer_index(unit: str) -> int | None:
+    """7 for the unit "layers.7"; None for any other unit (embed, head)."""
+    return int(unit[7:]) if unit.startswith("layers.") else None
+
+
 def _ranges(names: list[str]) -> str:
     """'embed, layers.0-3, layers.7, head': compact listing of unit names."""
     out: list[str] = []
@@ -213,32 +218,24 @@ def _ranges(names: list[str]) -> str:
             run.clear()
 
     for n in names:
-        if n.startswith("layers.") and (not run or int(n[7:]) == run[-1] + 1):
-            run.append(int(n[7:]))
+        i = layer_index(n)
+        if i is not None and (not run or i == run[-1] + 1):
+            run.append(i)
         else:
             flush()
-            if n.startswith("layers."):
-                run.append(int(n[7:]))
+            if i is not None:
+                run.append(i)
             else:
                 out.append(n)
     flush()
     return ", ".join(out)
 
 
-def _spread_order(n: int) -> list[int]:
-    """Indices 0..n-1 ordered so that any prefix is spread evenly over the range (bit-reversal
-    order). Equal-sized layers kept resident in this order interleave with streamed ones, which
-    gives the copy engine compute time to hide behind between streamed layers."""
-    bits = max(1, (n - 1).bit_length())
-    order = sorted(range(1 << bits), key=lambda i: int(f"{i:0{bits}b}"[::-1], 2))
-    return [i for i in order if i < n]
-
-
 def _even(resident: set[int], size: list[int], host: dict[int, int]) -> set[int]:
     """`resident` with the members of each group of equal-sized units (a model's layers) moved
     to evenly spaced places in the group: the same bytes (and slot size), and the streamed
-    units between two resident ones as few as can be. The bit-reversal order spreads a prefix
-    evenly only at powers of two: 18 of OPT-30B's 48 layers left runs of three streamed layers,
+    units between two resident ones as few as can be. The bit-reversal order this replaced
+    spread a prefix evenly only at powers of two: 18 of OPT-30B's 48 layers left runs of three,
     which two slots cannot hide when a layer computes for less than a copy takes (with the cache
     in host memory: ~17-22 ms of attention against ~24 ms of copy). The cost model predicts 4-6%
     off that step; runs with either layout still waited ~0.35 s per step for weights
@@ -314,10 +311,8 @@ def _placements(
     """(placements, least budget any placement needs); placements None when none fits. Units
     in `host` keep those bytes on the host and the rest resident."""
     size = [nb - host.get(i, 0) for i, (_, nb) in enumerate(units)]  # device bytes if kept
-    rank = {i: r for r, i in enumerate(_spread_order(len(units)))}
-    order = sorted(
-        (i for i in range(len(units)) if i not in host), key=lambda i: (-size[i], rank[i])
-    )
+    # largest first; which of equal-sized units stay resident is _even's choice
+    order = sorted((i for i in range(len(units)) if i not in host), key=lambda i: -size[i])
 
     def need(resident: set[int]) -> int:
         streamed = [size[k] for k in order if k not in resident]
