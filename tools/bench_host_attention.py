@@ -61,6 +61,27 @@ def cache(
     return kv
 
 
+def decode_inputs(
+    b: int, h: int, t: int, d: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q [b, h, 1, d], mask [b, 1, 1, t] all visible, out [b, 1, h * d]) of a decode step."""
+    q = torch.randn(b, h, 1, d).to(dtype)
+    return q, torch.ones(b, 1, 1, t, dtype=torch.bool), torch.empty(b, 1, h * d, dtype=dtype)
+
+
+def alone_and_beside(
+    run: Callable[[], None], nbytes: int, cuda: torch.device | None
+) -> tuple[float, float, float]:
+    """(GB/s alone, GB/s beside H2D, H2D GB/s beside it) of `run`, which reads `nbytes` of
+    cache (NaN beside H2D without CUDA)."""
+    time.sleep(0.1)  # torch's OpenMP threads quiet
+    alone = nbytes / seconds(run, torch.device("cpu"), 5) / GB
+    if cuda is None:
+        return alone, float("nan"), float("nan")
+    copied, calls = concurrent_with_h2d(run, cuda, 1.5)
+    return alone, calls * nbytes / GB, copied / GB
+
+
 def attention_s(
     b: int, h: int, t: int, d: int, dtype: torch.dtype, kv_dtype: str | None = None,
     small_pages: bool = False, ahead: int | None = None,
@@ -69,9 +90,7 @@ def attention_s(
     attend_cached as the tier runs it, or with `ahead` the native kernel at that prefetch
     distance."""
     kv = cache(b, h, t, d, dtype, kv_dtype, small_pages)
-    q = torch.randn(b, h, 1, d).to(dtype)
-    mask = torch.ones(b, 1, 1, t, dtype=torch.bool)
-    out = torch.empty(b, 1, h * d, dtype=dtype)
+    q, mask, out = decode_inputs(b, h, t, d, dtype)
     nbytes = sum(x.nbytes for x in (kv.k, kv.v, kv.k_scale, kv.v_scale) if x is not None)
 
     def run() -> None:
@@ -100,9 +119,7 @@ def kernel_sweep(
     several software prefetch distances over one fp16 cache; with `baseline`, that build's at
     0 and 8 rows too, in turn with this one's (machines differ more than kernels do)."""
     kv = cache(b, h, t, d, torch.float16)
-    q = torch.randn(b, h, 1, d).to(torch.float16)
-    mask = torch.ones(b, 1, 1, t, dtype=torch.bool)
-    out = torch.empty(b, 1, h * d, dtype=torch.float16)
+    q, mask, out = decode_inputs(b, h, t, d, torch.float16)
     nbytes = kv.k.nbytes + kv.v.nbytes
     current = ha.native
     variants = [("", current, a) for a in (0, 4, 8, 16, 32)]
@@ -118,12 +135,7 @@ def kernel_sweep(
 
         name = f"{label}prefetch {ahead} rows ahead"
         ha.native = module
-        time.sleep(0.1)  # torch's OpenMP threads quiet
-        alone = nbytes / seconds(run, torch.device("cpu"), 5) / GB
-        beside = copied = float("nan")
-        if cuda is not None:
-            copied, calls = concurrent_with_h2d(run, cuda, 1.5)
-            beside, copied = calls * nbytes / GB, copied / GB
+        alone, beside, copied = alone_and_beside(run, nbytes, cuda)
         ha.native = current
         rows.append((name, alone, beside, copied))
         print(f"kernel sweep: {name}: {alone:.1f} GB/s alone, {beside:.1f} beside H2D "
@@ -139,9 +151,7 @@ def queued_vs_direct(
     CUDA stream as the tier runs it in a decode step (host functions on the driver's thread,
     synced once at the end): whether the run's path reads slower than the probe's."""
     kvs = [cache(b, h, t, d, torch.float16) for _ in range(layers)]
-    q = torch.randn(b, h, 1, d).to(torch.float16)
-    mask = torch.ones(b, 1, 1, t, dtype=torch.bool)
-    out = torch.empty(b, 1, h * d, dtype=torch.float16)
+    q, mask, out = decode_inputs(b, h, t, d, torch.float16)
     nbytes = layers * (kvs[0].k.nbytes + kvs[0].v.nbytes)
     stream = torch.cuda.Stream(cuda)
     done = torch.cuda.Event(blocking=True)
@@ -159,10 +169,7 @@ def queued_vs_direct(
     rows = []
     for name, run in (("called directly", direct), ("queued in a stream", queued),
                       ("called directly, again", direct)):  # fmt: skip
-        time.sleep(0.1)
-        alone = nbytes / seconds(run, torch.device("cpu"), 5) / GB
-        copied, calls = concurrent_with_h2d(run, cuda, 1.5)
-        rows.append((f"{layers} layers, {name}", alone, calls * nbytes / GB, copied / GB))
+        rows.append((f"{layers} layers, {name}", *alone_and_beside(run, nbytes, cuda)))
         print(f"path: {rows[-1]}", flush=True)
     return rows
 

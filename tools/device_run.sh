@@ -10,6 +10,8 @@ OUT=${OUT:-/tmp/zeroinf-out}
 mkdir -p "$OUT"
 LOG=$OUT/all.log
 NVME=${NVME_DIR:-/tmp/zeroinf-nvme}
+# issue 7: OPT-30B fp16, the whole 24 GiB budget, the planner's plan (the p30* stages)
+P30=(--model opt-30b --offload cpu --gpu-memory 24GiB --batch-size auto --prompt-len 512 --gen-len 32)
 STAGES=("$@")
 [ ${#STAGES[@]} -eq 0 ] && STAGES=(build models kernels io b32 b96 nvme)
 : >"$OUT/summary.txt"
@@ -81,22 +83,15 @@ print(write_shape('llama-2-7b', torch.float16, '$NVME'))"
       --json "$0/hattnab.json"' "$OUT" ;;
     # does a small H2D copy wait behind a streamed unit's? (the host tier's gap: benchmarks.md)
     copyc) run copyc 200 python tools/bench_copy_contention.py --json "$OUT/copyc.json" ;;
-    p30ck) run p30ck 500 env ZEROINF_COPY_CHUNK=64MiB python -m zeroinf.cli.bench \
-      --json "$OUT/p30ck.json" --trace --model opt-30b --offload cpu --gpu-memory 24GiB \
-      --batch-size auto --prompt-len 512 --gen-len 32 ;;  # p30 with units copied in 64 MiB pieces
-    p30sm) run p30sm 500 env ZEROINF_HOST_OUT=sm python -m zeroinf.cli.bench \
-      --json "$OUT/p30sm.json" --trace --model opt-30b --offload cpu --gpu-memory 24GiB \
-      --batch-size auto --prompt-len 512 --gen-len 32 ;;  # p30, each output read by the GPU's cores
+    # (a variable before a function call is in its commands' environment for that call only)
+    p30ck) ZEROINF_COPY_CHUNK=64MiB bench p30ck 500 --trace "${P30[@]}" ;;  # units in 64 MiB pieces
+    p30sm) ZEROINF_HOST_OUT=sm bench p30sm 500 --trace "${P30[@]}" ;;  # outputs read by the GPU's cores
     hattnq) run hattnq 200 python tools/bench_host_attention.py --quick --json "$OUT/hattnq.json" ;;
     refill) run refill 570 python tools/bench_refill.py --json "$OUT/refill.json" ;;  # issue 9, ~6.5 min
-    p30) bench p30 500 --model opt-30b --offload cpu --gpu-memory 24GiB --batch-size auto \
-      --prompt-len 512 --gen-len 32 ;;
-    p30p3) bench p30p3 500 --trace --model opt-30b --offload cpu --gpu-memory 24GiB --batch-size auto \
-      --prefetch 3 --prompt-len 512 --gen-len 32 ;;  # the planner may take a third slot
-    p30kv) bench p30kv 500 --model opt-30b --offload cpu --gpu-memory 24GiB --batch-size auto \
-      --kv-dtype int8 --prompt-len 512 --gen-len 32 ;;
-    p30c) bench p30c 500 --model opt-30b --offload cpu --gpu-memory 24GiB --batch-size auto \
-      --kv-tier cpu --prompt-len 512 --gen-len 32 ;;  # issue 7: KV cache in host memory
+    p30) bench p30 500 "${P30[@]}" ;;
+    p30p3) bench p30p3 500 --trace "${P30[@]}" --prefetch 3 ;;  # the planner may take a third slot
+    p30kv) bench p30kv 500 "${P30[@]}" --kv-dtype int8 ;;
+    p30c) bench p30c 500 "${P30[@]}" --kv-tier cpu ;;  # issue 7: KV cache in host memory
     b96m) bench b96m 400 --model opt-13b --offload cpu --gpu-memory 12GiB --batch-size 96 \
       --micro-batch 32 --prompt-len 512 --gen-len 32 ;;
     profp) run profp 300 env PYTHONPATH=. python tools/profile_bench.py --top 30 -- --model opt-13b \
