@@ -6,9 +6,11 @@ copy engine takes them in order, the small copy (and the layer's rest, and every
 waits for the rest of the large one: up to ~25 ms. A decode step spends 0.19-0.28 s outside its
 host attention (docs/benchmarks.md, the fifth session), which this would explain. Measured here:
 the latency of small H2D copies (pinned -> device, on their own stream, one at a time) alone,
-beside one large copy per unit, and beside the same bytes in chunks of several sizes.
+beside one large copy per unit, and beside the same bytes in chunks of several sizes (queued at
+once, as the prefetcher would); then the same small copy read by the GPU's cores
+(kernels.copy_from_pinned, the host tier's way), alone and beside whole-unit copies.
 
-    python tools/bench_copy_contention.py [--small-mib 1.4 --unit-gib 1.15 --json out.json]
+    PYTHONPATH=. python tools/bench_copy_contention.py [--small-mib 1.4 --json out.json]
 """
 
 from __future__ import annotations
@@ -18,16 +20,28 @@ import json
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
+
+from kernels import copy_from_pinned
 
 GB = 1e9
 
 
+def engine_copy(src: torch.Tensor, dst: torch.Tensor) -> None:
+    dst.copy_(src, non_blocking=True)
+
+
+Copy = Callable[[torch.Tensor, torch.Tensor], Any]
+
+
 def small_copy_latencies(
-    small: torch.Tensor, dst: torch.Tensor, stream: torch.cuda.Stream, n: int, gap_s: float
-) -> list[float]:
+    small: torch.Tensor, dst: torch.Tensor, stream: torch.cuda.Stream, n: int, gap_s: float,
+    copy: Copy = engine_copy,
+) -> list[float]:  # fmt: skip
     """Seconds from issue to completion of n small copies on `stream`, one at a time, `gap_s`
     apart (host clock: issue, then a blocking event's wait)."""
     out = []
@@ -35,7 +49,7 @@ def small_copy_latencies(
     for _ in range(n):
         t0 = time.perf_counter()
         with torch.cuda.stream(stream):
-            dst.copy_(small, non_blocking=True)
+            copy(small, dst)
             done.record(stream)
         done.synchronize()
         out.append(time.perf_counter() - t0)
@@ -45,7 +59,7 @@ def small_copy_latencies(
 
 def beside_large(
     small: torch.Tensor, sdst: torch.Tensor, big: torch.Tensor, bdst: torch.Tensor,
-    chunk: int, n: int, gap_s: float,
+    chunk: int, n: int, gap_s: float, copy: Copy = engine_copy,
 ) -> tuple[list[float], float]:  # fmt: skip
     """(small copies' latencies, large copies' GB/s) with large copies (whole, or in `chunk`
     bytes each; 0: whole) looping on another stream from another thread."""
@@ -70,7 +84,7 @@ def beside_large(
     th.start()
     time.sleep(0.2)
     try:
-        lat = small_copy_latencies(small, sdst, small_stream, n, gap_s)
+        lat = small_copy_latencies(small, sdst, small_stream, n, gap_s, copy)
     finally:
         stop.set()
         th.join()
@@ -97,6 +111,12 @@ def main() -> None:
         name = "beside whole-unit copies" if not chunk_mib else f"beside {chunk_mib} MiB chunks"
         rows.append((name, lat, rate))
         print(f"{name}: done", flush=True)
+    # the host tier's way (models/host_attention.py): the GPU's cores read the pinned bytes
+    rows.append(("by the GPU's cores, alone",
+                 small_copy_latencies(small, sdst, torch.cuda.Stream(), a.n, gap, copy_from_pinned),
+                 float("nan")))  # fmt: skip
+    lat, rate = beside_large(small, sdst, big, bdst, 0, a.n, gap, copy_from_pinned)
+    rows.append(("by the GPU's cores, beside whole-unit copies", lat, rate))
     table = []
     print(f"\nsmall copy {a.small_mib} MiB, unit {a.unit_gib} GiB, {a.n} small copies each")
     print("| small H2D copy | median ms | p90 ms | max ms | large copies GB/s |")

@@ -2,7 +2,7 @@
 # One call on the GPU machine: build the native reader, check, and measure, stage by stage.
 #   bash tools/device_run.sh [STAGE ...]      (default: build models kernels io b32 b96 nvme)
 # Stages: build models kernels io gputest b32 b32t b96 b96m nvme ttft q30 q30e q30kv p30 p30kv
-#   p30c p30p3 p30ck p30sm copyc hattn hattns hattnab profh profhp prof refill mgpu (see docs/benchmarks.md).
+#   p30c p30p3 p30cp copyc hattn hattns hattnab profh profhp prof refill mgpu (see docs/benchmarks.md).
 # Every stage's output goes to $OUT/all.log; JSON results to $OUT/*.json; a table comes last.
 set -u
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
@@ -82,10 +82,9 @@ print(write_shape('llama-2-7b', torch.float16, '$NVME'))"
       python tools/bench_host_attention.py --sweep --baseline $b/_native_attn.so \
       --json "$0/hattnab.json"' "$OUT" ;;
     # does a small H2D copy wait behind a streamed unit's? (the host tier's gap: benchmarks.md)
-    copyc) run copyc 200 python tools/bench_copy_contention.py --json "$OUT/copyc.json" ;;
+    copyc) run copyc 200 env PYTHONPATH=. python tools/bench_copy_contention.py --json "$OUT/copyc.json" ;;
     # (a variable before a function call is in its commands' environment for that call only)
-    p30ck) ZEROINF_COPY_CHUNK=64MiB bench p30ck 500 --trace "${P30[@]}" ;;  # units in 64 MiB pieces
-    p30sm) ZEROINF_HOST_OUT=sm bench p30sm 500 --trace "${P30[@]}" ;;  # outputs read by the GPU's cores
+    p30cp) ZEROINF_HOST_OUT=copy bench p30cp 500 --trace "${P30[@]}" ;;  # outputs by the copy engine (A/B)
     hattnq) run hattnq 200 python tools/bench_host_attention.py --quick --json "$OUT/hattnq.json" ;;
     refill) run refill 570 python tools/bench_refill.py --json "$OUT/refill.json" ;;  # issue 9, ~6.5 min
     p30) bench p30 500 "${P30[@]}" ;;

@@ -80,27 +80,6 @@ def test_matches_transformers(family_ckpt, offload: str, prefetch: int, streamed
     torch.testing.assert_close(again, ref, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("offload", ["cpu", "nvme"])
-def test_units_copied_in_chunks_match(
-    family_ckpt, offload: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """ZEROINF_COPY_CHUNK (an A/B switch: tools/bench_copy_contention.py) copies each streamed
-    unit in pieces, the last one shorter; the tokens are transformers' all the same. A value
-    that is not a size is a one-line error naming the variable."""
-    ckpt, ids, mask, ref = family_ckpt
-    chunk = 4096 + 512  # not a divisor of the units' sizes: a short last piece
-    assert min(u.nbytes for u in Checkpoint(ckpt).units) > 2 * chunk
-    monkeypatch.setenv("ZEROINF_COPY_CHUNK", str(chunk))
-    with zeroinf.load(ckpt, device="cpu", offload=offload, gpu_memory=budgets(ckpt, 2)["all"],
-                      prefetch=2) as model:  # fmt: skip
-        assert model.prefetcher.copy_chunk == chunk and model.plan.streamed
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW)
-    torch.testing.assert_close(out, ref, rtol=0, atol=0)
-    monkeypatch.setenv("ZEROINF_COPY_CHUNK", "lots")
-    with pytest.raises(ConfigError, match="ZEROINF_COPY_CHUNK"):
-        zeroinf.load(ckpt, device="cpu", gpu_memory=budgets(ckpt, 2)["all"])
-
-
 def test_embed_table_stays_on_the_host(family_ckpt) -> None:
     """Once anything streams, the embed unit is never copied to the device: its table's rows
     are gathered on the host, its other tensors stay resident, outputs are unchanged."""

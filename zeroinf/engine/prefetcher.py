@@ -31,7 +31,6 @@ from zeroinf.engine.plan import STREAMED_TIERS, Plan
 from zeroinf.errors import ReadError, ZeroInfError
 from zeroinf.format import DTYPES, Checkpoint, UnitEntry, padded_size, partition
 from zeroinf.io import PinnedArena, aligned_empty, open_reader
-from zeroinf.sizes import parse_bytes
 from zeroinf.synthetic import SyntheticCheckpoint
 
 _TICK = itertools.count()
@@ -78,11 +77,6 @@ class Prefetcher:
         trace: Trace | None = None,
         group: RankGroup | None = None,
     ) -> None:
-        # For A/B measurements (tools/bench_copy_contention.py): copy a unit in pieces of this
-        # many bytes, so that a small H2D copy on the compute stream (the host KV tier's output,
-        # per layer) need not wait for the whole unit on the copy engine. Unset: one copy.
-        # Read first: a bad value fails before anything is allocated.
-        self.copy_chunk = parse_bytes(os.environ.get("ZEROINF_COPY_CHUNK"), "ZEROINF_COPY_CHUNK")
         self.ckpt, self.plan, self.device, self.group = ckpt, plan, device, group
         self.world = group.world if group else 1
         self.units: tuple[UnitEntry, ...] = ckpt.units
@@ -362,10 +356,7 @@ class Prefetcher:
         """Host bytes of unit j -> device slot: one copy, or the rank's share then all-gather."""
         if shard is None:
             n = self.units[j].nbytes
-            step = self.copy_chunk or n
-            for a in range(0, n, max(1, step)):
-                b = min(n, a + step)
-                dst[a:b].copy_(src[a:b], non_blocking=non_blocking)
+            dst[:n].copy_(src[:n], non_blocking=non_blocking)
             return
         share = self._share_bytes(j)
         shard[:share].copy_(src[:share], non_blocking=non_blocking)

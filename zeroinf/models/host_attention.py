@@ -121,11 +121,13 @@ HOST_OUT_MODES = ("copy", "sm")
 
 
 def _to_device(out: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """The pinned attention output [B, S, H * D] on `device`, stream-ordered: by the copy
-    engine, or with ZEROINF_HOST_OUT=sm read over PCIe by the GPU's cores
-    (kernels.copy_from_pinned), so that it does not wait behind a streamed unit's copy on the
-    copy engine. An A/B switch (docs/benchmarks.md, stage p30sm), not measured yet."""
-    mode = os.environ.get("ZEROINF_HOST_OUT", "copy")
+    """The pinned attention output [B, S, H * D] on `device`, stream-ordered, read over PCIe by
+    the GPU's cores (kernels.copy_from_pinned) rather than copied by the copy engine: a small
+    copy on the engine waits behind the streamed unit the prefetcher is copying (~21 ms behind
+    a 1.15 GiB unit, tools/bench_copy_contention.py), and each host layer sent one (OPT-30B,
+    batch 96: the decode step 1.041 -> 0.909 s, docs/benchmarks.md). ZEROINF_HOST_OUT=copy
+    brings back the engine's copy, for A/B measurements."""
+    mode = os.environ.get("ZEROINF_HOST_OUT", "sm")
     if mode not in HOST_OUT_MODES:
         raise ConfigError(f"ZEROINF_HOST_OUT={mode!r}: use one of {', '.join(HOST_OUT_MODES)}")
     if mode == "copy":
