@@ -514,6 +514,30 @@ def test_host_tier_on_cuda_equals_device_tier(
     assert streams["cpu"] == streams["gpu"]
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("overlap", ["0", "1"])  # ZEROINF_HOST_OVERLAP: two compute streams
+def test_host_tier_micro_batches_streamed_on_cuda(
+    tmp_path: Path, overlap: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a GPU, units streamed through two slots and the decode in micro-batches of 2 rows
+    (3 rows: 2 + 1), on one stream or alternating between two: float32 tokens equal
+    transformers'."""
+    from zeroinf.format import Checkpoint
+
+    monkeypatch.setenv("ZEROINF_HOST_OVERLAP", overlap)
+    path, want = _checkpoint_and_reference(tmp_path, "opt")
+    ids, mask = tiny_prompts(64)
+    units = Checkpoint(path).units
+    budget = 2 * max(u.nbytes for u in units) + min(u.nbytes for u in units)
+    with zeroinf.load(path, device="cuda", gpu_memory=budget, kv_tier="cpu") as model:
+        assert len(model.plan.streamed) > 2 and model.executor.overlap == (overlap == "1")
+        for rows in (None, 2):
+            model.micro_batch = rows
+            got = model.generate(ids, attention_mask=mask, max_new_tokens=NEW).cpu()
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_generate_cli_kv_tier(
     tiny_hf: Callable[..., Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
