@@ -174,6 +174,40 @@ def queued_vs_direct(
     return rows
 
 
+def footprint(
+    b: int, h: int, t: int, d: int, cuda: torch.device | None, counts: tuple[int, ...] = (4, 48)
+) -> list[tuple]:
+    """(name, GB/s alone, GB/s beside H2D, H2D GB/s beside it) of the kernel, and of torch's sum
+    over the same memory, over `counts` layers' caches in turn: 4 layers (6 GB at OPT-30B's
+    batch 96, 20 x the L3) as the probe reads, and 48 (72 GB) as a decode step does. Inside the
+    runs the kernel read 0.69-1.0 of the probe's alone rate, by machine (docs/benchmarks.md):
+    if the whole footprint reads slower than a few GB of it (where the machine placed the
+    memory), the cause is the memory, not the kernel or the run."""
+    first = cache(b, h, t, d, torch.float16)
+    kvs = [first] + [random_host_cache(b, h, t, d, torch.float16, like=first)
+                     for _ in range(max(counts) - 1)]  # fmt: skip
+    q, mask, out = decode_inputs(b, h, t, d, torch.float16)
+    per_layer = first.k.nbytes + first.v.nbytes
+    rows = []
+    for n in counts:
+        some = kvs[:n]
+        flat = [x.view(-1).view(torch.float32) for kv in some for x in (kv.k, kv.v)]
+
+        def attend(some: list[LayerKV] = some) -> None:
+            for kv in some:
+                assert ha.native_decode(q, kv, t, mask, d**-0.5, out)
+
+        def total(flat: list[torch.Tensor] = flat) -> None:
+            for x in flat:
+                x.sum()
+
+        for name, run in (("kernel", attend), ("torch sum", total)):
+            rows.append((f"{name}, {n} layers ({n * per_layer / GB:.0f} GB)",
+                         *alone_and_beside(run, n * per_layer, cuda)))  # fmt: skip
+            print(f"footprint: {rows[-1]}", flush=True)
+    return rows
+
+
 def cache_sum_bytes_per_s(b: int, h: int, t: int, d: int) -> float:
     """Bytes/s of torch's sum over an fp16 host cache's own memory (viewed as float32)."""
     kv = cache(b, h, t, d, torch.float16)
@@ -224,6 +258,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="the tier's own fp16 path only")
     ap.add_argument("--sweep", action="store_true", help="only the native kernel's variants")
     ap.add_argument("--baseline", type=Path, help="with --sweep: another build of the kernel (.so)")
+    ap.add_argument(
+        "--footprint",
+        action="store_true",
+        help="the kernel and torch's sum over 4 layers' caches and over 48",
+    )
     a = ap.parse_args()
     flags = ""
     try:
@@ -234,10 +273,13 @@ def main() -> None:
         flags = " ".join(f for f in wanted if f in info)
     except OSError as e:
         print(f"(system info: {e})")
-    if a.sweep:
+    if a.sweep or a.footprint:
         cuda = torch.device("cuda") if torch.cuda.is_available() else None
-        sweep = kernel_sweep(a.batch, a.heads, a.ctx, a.head_dim, cuda, a.baseline)
-        if cuda is not None:
+        if a.footprint:
+            sweep = footprint(a.batch, a.heads, a.ctx, a.head_dim, cuda)
+        else:
+            sweep = kernel_sweep(a.batch, a.heads, a.ctx, a.head_dim, cuda, a.baseline)
+        if cuda is not None and not a.footprint:
             sweep += queued_vs_direct(a.batch, a.heads, a.ctx, a.head_dim, cuda)
         print("\n| kernel variant | alone GB/s | beside H2D GB/s | H2D beside it GB/s |")
         print("|---|---|---|---|")
