@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from types import ModuleType
 
@@ -175,14 +176,15 @@ def queued_vs_direct(
 
 
 def footprint(
-    b: int, h: int, t: int, d: int, cuda: torch.device | None, counts: tuple[int, ...] = (4, 48)
-) -> list[tuple]:
+    b: int, h: int, t: int, d: int, cuda: torch.device | None, counts: tuple[int, ...] = (4, 48),
+    aheads: tuple[int, ...] = (0, 8, 16, 32, 64),
+) -> list[tuple]:  # fmt: skip
     """(name, GB/s alone, GB/s beside H2D, H2D GB/s beside it) of the kernel, and of torch's sum
     over the same memory, over `counts` layers' caches in turn: 4 layers (6 GB at OPT-30B's
-    batch 96, 20 x the L3) as the probe reads, and 48 (72 GB) as a decode step does. Inside the
-    runs the kernel read 0.69-1.0 of the probe's alone rate, by machine (docs/benchmarks.md):
-    if the whole footprint reads slower than a few GB of it (where the machine placed the
-    memory), the cause is the memory, not the kernel or the run."""
+    batch 96, 20 x the L3) as the probe reads, and 48 (72 GB) as a decode step does; over the
+    most layers, the kernel at each software prefetch distance in `aheads` too. Inside the runs
+    the kernel read 0.69-1.0 of the probe's alone rate, by machine (docs/benchmarks.md): if the
+    whole footprint reads slower than a few GB of it, the footprint is the cause."""
     first = cache(b, h, t, d, torch.float16)
     kvs = [first] + [random_host_cache(b, h, t, d, torch.float16, like=first)
                      for _ in range(max(counts) - 1)]  # fmt: skip
@@ -193,15 +195,18 @@ def footprint(
         some = kvs[:n]
         flat = [x.view(-1).view(torch.float32) for kv in some for x in (kv.k, kv.v)]
 
-        def attend(some: list[LayerKV] = some) -> None:
+        def attend(some: list[LayerKV] = some, ahead: int = 8) -> None:  # 8: the default
             for kv in some:
-                assert ha.native_decode(q, kv, t, mask, d**-0.5, out)
+                assert ha.native_decode(q, kv, t, mask, d**-0.5, out, ahead=ahead)
 
         def total(flat: list[torch.Tensor] = flat) -> None:
             for x in flat:
                 x.sum()
 
-        for name, run in (("kernel", attend), ("torch sum", total)):
+        runs = [("kernel", attend), ("torch sum", total)]
+        if n == max(counts):
+            runs += [(f"kernel, prefetch {a} rows", partial(attend, ahead=a)) for a in aheads]
+        for name, run in runs:
             rows.append((f"{name}, {n} layers ({n * per_layer / GB:.0f} GB)",
                          *alone_and_beside(run, n * per_layer, cuda)))  # fmt: skip
             print(f"footprint: {rows[-1]}", flush=True)

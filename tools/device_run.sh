@@ -2,7 +2,7 @@
 # One call on the GPU machine: build the native reader, check, and measure, stage by stage.
 #   bash tools/device_run.sh [STAGE ...]      (default: build models kernels io b32 b96 nvme)
 # Stages: build models kernels io gputest b32 b32t b96 b96m nvme ttft q30 q30e q30kv p30 p30kv
-#   p30c p30p3 p30cp copyc hattn hattns hattnab hattnfp profh profhp prof refill mgpu (see docs/benchmarks.md).
+#   p30c p30p3 p30cp p30old copyc hattn hattns hattnab hattnfp profh profhp prof refill mgpu (see docs/benchmarks.md).
 # Every stage's output goes to $OUT/all.log; JSON results to $OUT/*.json; a table comes last.
 set -u
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
@@ -84,6 +84,10 @@ print(write_shape('llama-2-7b', torch.float16, '$NVME'))"
     # does a small H2D copy wait behind a streamed unit's? (the host tier's gap: benchmarks.md)
     copyc) run copyc 200 env PYTHONPATH=. python tools/bench_copy_contention.py --json "$OUT/copyc.json" ;;
     # (a variable before a function call is in its commands' environment for that call only)
+    # p30 in another version of the tree, for an A/B in one call: git archive REV | tar -x -C
+    # build/ab_old, and carry build/ab_old
+    p30old) run p30old 500 bash -c 'cd build/ab_old && python setup.py build_ext --inplace -q && \
+      python -m zeroinf.cli.bench --json "$0/p30old.json" "$@"' "$OUT" "${P30[@]}" ;;
     p30cp) ZEROINF_HOST_OUT=copy bench p30cp 500 --trace "${P30[@]}" ;;  # outputs by the copy engine (A/B)
     hattnfp) run hattnfp 300 python tools/bench_host_attention.py --footprint --json "$OUT/hattnfp.json" ;;
     hattnq) run hattnq 200 python tools/bench_host_attention.py --quick --json "$OUT/hattnq.json" ;;

@@ -195,3 +195,42 @@ def test_host_writer_keeps_its_own_copy() -> None:
     k.fill_(7)
     w.flush()
     assert torch.equal(kv.k[0, 0, 0], torch.ones(2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("strided", [False, True])  # src as a [B, S, H, D] tensor's transpose
+@pytest.mark.parametrize("B,H,T,S,D,start", [(3, 4, 16, 5, 8, 2), (2, 2, 9, 9, 16, 0),
+                                             (1, 3, 6, 1, 4, 5), (4, 1, 12, 3, 24, 9)])  # fmt: skip
+def test_write_cache_matches_torch(
+    dtype: torch.dtype, strided: bool, B: int, H: int, T: int, S: int, D: int, start: int,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """The writer's native copy (host_attention.write_cache) leaves the cache's bytes as torch's
+    write_kv does: positions start .. start+S-1 of every (row, head) written, the rest as it was."""
+    from zeroinf.models.layers import write_kv
+
+    g = torch.Generator().manual_seed(B * 10 + S)
+    k, v = (torch.randn(B, S, H, D, generator=g).to(dtype) for _ in "kv")
+    if strided:
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, H, S, D], positions D * H apart
+    else:
+        k, v = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
+    before = [torch.randn(B, H, T, D, generator=g).to(dtype) for _ in "kv"]
+    want = LayerKV(*(x.clone() for x in before), host=True)
+    write_kv(want, k, v, start)
+    got = LayerKV(*(x.clone() for x in before), host=True)
+    monkeypatch.setattr(ha, "write_kv", None)  # torch's write would fail: the native path ran
+    ha.write_cache(got, k, v, start)
+    assert torch.equal(got.k, want.k) and torch.equal(got.v, want.v)
+
+
+def test_write_cache_leaves_to_torch_what_it_does_not_do(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another dtype than the cache's, or positions past its end: torch's write_kv (which
+    converts, or raises)."""
+    calls = []
+    monkeypatch.setattr(ha, "write_kv", lambda *a: calls.append(a))
+    kv = LayerKV(torch.zeros(1, 2, 4, 8), torch.zeros(1, 2, 4, 8), host=True)
+    half = torch.ones(1, 2, 2, 8, dtype=torch.float16)
+    ha.write_cache(kv, half, half, 0)
+    ha.write_cache(kv, half.float(), half.float(), 3)  # 2 positions at index 3 of 4
+    assert len(calls) == 2 and not kv.k.any()
