@@ -530,76 +530,6 @@ static PyObject *simd(PyObject *self, PyObject *args) {
     return PyUnicode_FromString(cpu_has_avx2() ? "avx2" : "portable");
 }
 
-/* write(): a prompt's keys and values into a host cache, for the tier's writer thread
- * (models/host_transfer.py). Each (tensor, row, kv head) is one task: its S positions of D
- * elements, one memcpy where both sides hold them back to back. Threads take tasks from an
- * atomic counter, so one that the scheduler leaves waiting (the Python thread issuing a
- * prefill's work shares the cores) delays only its own task; torch's copy splits the work
- * into equal parts up front, and its slowest thread set the pace (a prefill's writes took
- * 2.0-5.7 s by run, the prefill with them: docs/benchmarks.md). */
-typedef struct {
-    char *dst[2];
-    const char *src[2];
-    int64_t B, H, S, row;              /* row: bytes of one position (D elements) */
-    int64_t d_sb[2], d_sh[2], d_st[2]; /* byte strides of dst and src [B, H, S, D] */
-    int64_t s_sb[2], s_sh[2], s_st[2];
-    int64_t next;                      /* the next task: atomic */
-} Copy;
-
-static void *copy_worker(void *arg) {
-    Copy *c = (Copy *)arg;
-    int64_t per = c->B * c->H;
-    for (;;) {
-        int64_t i = __atomic_fetch_add(&c->next, 1, __ATOMIC_RELAXED);
-        if (i >= 2 * per) return NULL;
-        int x = (int)(i / per);
-        int64_t b = (i % per) / c->H, h = i % c->H;
-        char *d = c->dst[x] + b * c->d_sb[x] + h * c->d_sh[x];
-        const char *s = c->src[x] + b * c->s_sb[x] + h * c->s_sh[x];
-        if (c->d_st[x] == c->row && c->s_st[x] == c->row) {
-            memcpy(d, s, (size_t)(c->S * c->row));
-        } else {
-            for (int64_t t = 0; t < c->S; t++)
-                memcpy(d + t * c->d_st[x], s + t * c->s_st[x], (size_t)c->row);
-        }
-    }
-}
-
-static PyObject *write_kv(PyObject *self, PyObject *args) {
-    (void)self;
-    unsigned long long dk, dv, sk, sv;
-    Copy c;
-    int threads;
-    memset(&c, 0, sizeof c);
-    if (!PyArg_ParseTuple(args, "KKKK(LLLL)(LLLLLLLLLLLL)i", &dk, &dv, &sk, &sv, &c.B, &c.H,
-                          &c.S, &c.row, &c.d_sb[0], &c.d_sh[0], &c.d_st[0], &c.d_sb[1],
-                          &c.d_sh[1], &c.d_st[1], &c.s_sb[0], &c.s_sh[0], &c.s_st[0], &c.s_sb[1],
-                          &c.s_sh[1], &c.s_st[1], &threads))
-        return NULL;
-    if (c.B < 0 || c.H < 0 || c.S < 0 || c.row <= 0) {
-        PyErr_SetString(PyExc_ValueError, "host_attn.write_kv: bad dimensions");
-        return NULL;
-    }
-    c.dst[0] = (char *)(uintptr_t)dk;
-    c.dst[1] = (char *)(uintptr_t)dv;
-    c.src[0] = (const char *)(uintptr_t)sk;
-    c.src[1] = (const char *)(uintptr_t)sv;
-    int64_t tasks = 2 * c.B * c.H;
-    if (threads > tasks) threads = (int)tasks;
-    if (threads < 1) threads = 1;
-    Py_BEGIN_ALLOW_THREADS
-    pthread_t *ids = (pthread_t *)calloc((size_t)threads, sizeof(pthread_t));
-    int started = 0;
-    if (ids)
-        for (; started < threads - 1; started++)
-            if (pthread_create(&ids[started], NULL, copy_worker, &c)) break;
-    copy_worker(&c); /* this thread takes tasks too: alone, where no thread could start */
-    for (int i = 0; i < started; i++) pthread_join(ids[i], NULL);
-    free(ids);
-    Py_END_ALLOW_THREADS
-    Py_RETURN_NONE;
-}
-
 static PyMethodDef methods[] = {
     {"decode", decode, METH_VARARGS,
      "decode(q, k, v, out, mask, k_new, v_new, (B, H, Hkv, D, end), (q_sb, q_sh, k_sb, k_sh, k_st, "
@@ -612,9 +542,6 @@ static PyMethodDef methods[] = {
     {"stats", stats, METH_NOARGS,
      "(calls, seconds) of the kernel since the last call (and reset them)"},
     {"simd", simd, METH_NOARGS, "the vector path this CPU takes: 'avx2' or 'portable'"},
-    {"write_kv", write_kv, METH_VARARGS,
-     "write_kv(dst_k, dst_v, src_k, src_v, (B, H, S, row bytes), (dst k's, dst v's, src k's, "
-     "src v's byte strides of b, h, t), threads): copy src [B, H, S, D] into dst, both tensors"},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native_attn",

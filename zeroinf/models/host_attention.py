@@ -293,25 +293,6 @@ def native_decode(
     return True
 
 
-def write_cache(kv: LayerKV, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
-    """models.layers.write_kv (k, v [B, Hkv, S, D] on the host into `kv` at indices start ..
-    start+S-1), through native/host_attn.c's write_kv where it applies (a cache read as written,
-    of k's dtype, last dims contiguous): its threads take (row, head) pairs as they come free,
-    where torch's copy splits the work up front and waits for its slowest thread."""
-    B, Hkv, S, D = k.shape
-    if (native is None or kv.quantized or k.is_cuda or v.is_cuda or v.shape != k.shape
-            or not all(x.dtype == kv.k.dtype and x.stride(-1) == 1
-                       for x in (k, v, kv.k, kv.v))
-            or start + S > kv.k.shape[2]):  # fmt: skip
-        write_kv(kv, k, v, start)
-        return
-    item = k.element_size()
-    dk, dv = kv.k[:, :, start:], kv.v[:, :, start:]
-    strides = [s * item for x in (dk, dv, k, v) for s in x.stride()[:3]]
-    native.write_kv(dk.data_ptr(), dv.data_ptr(), k.data_ptr(), v.data_ptr(),  # type: ignore[attr-defined]
-                    (B, Hkv, S, D * item), tuple(strides), torch.get_num_threads())  # fmt: skip
-
-
 def chunk_shape(
     B: int, Hkv: int, n_rep: int, S: int, T: int, D: int, itemsize: int, copies: bool = False,
     quantized: bool = False,

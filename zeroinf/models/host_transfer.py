@@ -12,12 +12,12 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from zeroinf.models.base import LayerKV
+from zeroinf.models.layers import write_kv
 
 
 def to_host(*xs: torch.Tensor, sync: bool = True) -> list[torch.Tensor]:
@@ -37,9 +37,9 @@ def to_host(*xs: torch.Tensor, sync: bool = True) -> list[torch.Tensor]:
 class HostWriter:
     """Writes a prompt's keys and values into host caches off the calling thread: submit()
     starts their copies to pinned staging on a side stream (a CUDA event marks them done),
-    so the device computes on meanwhile, and queues the write; one thread waits for each copy
-    and writes it (host_attention.write_cache), in submission order. So a prefill's layers
-    never wait for the host: syncing for every (chunk, layer) left the device idle
+    so the device computes on meanwhile, and queues the write;
+    one thread waits for each copy and runs write_kv, in submission order. So a prefill's
+    layers never wait for the host: syncing for every (chunk, layer) left the device idle
     while the host wrote (7.6 s of OPT-30B's batch-96 prefill against 3.9 s of matmuls).
     At most `depth` writes wait at once (their staging is pinned memory); flush() waits for
     all of them and raises the first error the thread met, with its chained cause."""
@@ -51,7 +51,7 @@ class HostWriter:
         self.error: BaseException | None = None
         self.thread: threading.Thread | None = None
         self.streams: dict[torch.device, torch.cuda.Stream] = {}  # D2H, one per device
-        self.busy_s = 0.0  # the thread's time writing, and the bytes it wrote (benchmarks)
+        self.busy_s = 0.0  # the thread's time in write_kv, and the bytes it wrote (benchmarks)
         self.written_bytes = 0
 
     def submit(self, kv: LayerKV, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
@@ -90,12 +90,10 @@ class HostWriter:
             raise RuntimeError(f"host KV cache write failed: {e}") from e
 
     def _run(self) -> None:
-        from zeroinf.models.host_attention import write_cache  # (it imports this module)
-
         with torch.inference_mode():  # thread-local: the caches may be inference tensors
-            self._loop(write_cache)
+            self._loop()
 
-    def _loop(self, write_cache: Callable[..., None]) -> None:
+    def _loop(self) -> None:
         while True:
             done, kv, hk, hv, start = self.queue.get()
             try:
@@ -103,7 +101,7 @@ class HostWriter:
                     if done is not None:
                         done.synchronize()
                     t = time.perf_counter()
-                    write_cache(kv, hk, hv, start)
+                    write_kv(kv, hk, hv, start)
                     self.busy_s += time.perf_counter() - t
                     self.written_bytes += hk.nbytes + hv.nbytes
             except BaseException as e:  # raised to the caller by its next submit or flush
