@@ -68,7 +68,9 @@ HOST_LAYER_S = 100e-6
 # the "cpu" tier (docs/benchmarks.md, runs 18-23, nvidia-h100-x1, 2026-11-24), fitted on them
 # (their errors there are the code's before this share; out of sample, runs 24-25: +14.0% and
 # +27.7%, the second's kernel at 0.79 of the probe's rate). Queued in a CUDA stream as in a run,
-# the kernel read as fast as called directly (stage hattns, same day): the cause is elsewhere.
+# the kernel read as fast as called directly (stage hattns, same day). Over a decode step's whole
+# 72 GB of cache it read 0.82-0.92 of its rate over 6 GB (stage hattnfp, two machines, same day):
+# the footprint, which the probe's 4 GiB does not have, is where the share comes from.
 HOST_ATTN_IN_RUN = 0.88
 MICRO_BATCHES = (1, 2, 4, 8)  # micro-batch counts tried
 
