@@ -83,11 +83,11 @@ print(write_shape('llama-2-7b', torch.float16, '$NVME'))"
       --json "$0/hattnab.json"' "$OUT" ;;
     # does a small H2D copy wait behind a streamed unit's? (the host tier's gap: benchmarks.md)
     copyc) run copyc 200 env PYTHONPATH=. python tools/bench_copy_contention.py --json "$OUT/copyc.json" ;;
-    # (a variable before a function call is in its commands' environment for that call only)
     # p30 in another version of the tree, for an A/B in one call: git archive REV | tar -x -C
     # build/ab_old, and carry build/ab_old
     p30old) run p30old 500 bash -c 'cd build/ab_old && python setup.py build_ext --inplace -q && \
       python -m zeroinf.cli.bench --json "$0/p30old.json" "$@"' "$OUT" "${P30[@]}" ;;
+    # (a variable before a function call is in its commands' environment for that call only)
     p30cp) ZEROINF_HOST_OUT=copy bench p30cp 500 --trace "${P30[@]}" ;;  # outputs by the copy engine (A/B)
     hattnfp) run hattnfp 300 python tools/bench_host_attention.py --footprint --json "$OUT/hattnfp.json" ;;
     hattnq) run hattnq 200 python tools/bench_host_attention.py --quick --json "$OUT/hattnq.json" ;;
