@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,6 +120,7 @@ def child(prog: str, argv: list[str], log: str, env: dict[str, str], fsize: int 
     else:
         from zeroinf.cli.generate import main
     finished = False
+    Path(f"{log}.ready").touch()  # in the CLI from here on (wait_ready)
     try:
         try:
             code = main(argv)
@@ -160,6 +162,16 @@ class Procs:
         p.start()
         p.log = log  # type: ignore[attr-defined]
         return p
+
+    @staticmethod
+    def wait_ready(p: multiprocessing.process.BaseProcess) -> None:
+        """Until process `p` (from start) calls its CLI's main: a signal sent before that would
+        meet Python's start-up or the child's set-up, not the CLI."""
+        log = Path(p.log)  # type: ignore[attr-defined]
+        deadline = time.monotonic() + TIMEOUT
+        while not log.with_name(f"{log.name}.ready").exists():
+            assert p.is_alive() and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.001)
 
     def run(self, prog: str, argv: list[str], **kw: Any) -> tuple[int | None, str]:
         """Run to the end: (exit status, log text)."""

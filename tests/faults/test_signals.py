@@ -195,8 +195,9 @@ def test_generate_sigint_at_random_points_then_resume(
     rng = random.Random(400 + trial)
     out = tmp_path / "out.jsonl"
     p = procs.start("generate", job.args(out))
-    if trial == 0:  # from 10 ms in (the CLI's handler is in place): while loading
-        time.sleep(rng.uniform(0.01, 0.03))
+    if trial == 0:  # 0-20 ms into the CLI's main: while parsing its flags or loading
+        procs.wait_ready(p)
+        time.sleep(rng.uniform(0.0, 0.02))
     else:  # in the job's loop: after a random number of lines, between batches or in a write
         target, deadline = rng.randint(1, len(job.reference) - 4), time.monotonic() + TIMEOUT
         while p.is_alive() and count_lines(out) < target:

@@ -110,10 +110,10 @@ def run(args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     from zeroinf.errors import ZeroInfError
 
-    try:
+    try:  # from here on an interrupt (Ctrl-C) says one line, however early it comes
+        args = build_parser().parse_args(argv)
         # one write with its newline: an interrupt arriving while the summary is printed (print
         # writes the text and the newline separately) would glue the error line to it
         sys.stdout.write(f"{run(args)}\n")

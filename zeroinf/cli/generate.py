@@ -293,16 +293,16 @@ def run(a: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = build_parser().parse_args(argv)
-    check_args(a)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     from zeroinf.errors import ZeroInfError
 
     main_thread = threading.current_thread() is threading.main_thread()
     old_term = signal.getsignal(signal.SIGTERM) if main_thread else None
-    if old_term is signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, _on_sigterm)  # batch schedulers stop jobs with SIGTERM
-    try:
+    try:  # from here on an interrupt (Ctrl-C) says one line, however early it comes
+        a = build_parser().parse_args(argv)
+        check_args(a)
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        if old_term is signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, _on_sigterm)  # batch schedulers stop jobs with SIGTERM
         return run(a)
     except ZeroInfError as e:
         _fail(str(e))
