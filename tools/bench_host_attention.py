@@ -182,9 +182,10 @@ def footprint(
     """(name, GB/s alone, GB/s beside H2D, H2D GB/s beside it) of the kernel, and of torch's sum
     over the same memory, over `counts` layers' caches in turn: 4 layers (6 GB at OPT-30B's
     batch 96, 20 x the L3) as the probe reads, and 48 (72 GB) as a decode step does; over the
-    most layers, the kernel at each software prefetch distance in `aheads` too. Inside the runs
-    the kernel read 0.69-1.0 of the probe's alone rate, by machine (docs/benchmarks.md): if the
-    whole footprint reads slower than a few GB of it, the footprint is the cause."""
+    most layers, the kernel at each software prefetch distance in `aheads` (8: the default).
+    Inside the runs the kernel read 0.69-1.0 of the probe's alone rate, by machine
+    (docs/benchmarks.md): if the whole footprint reads slower than a few GB of it, the
+    footprint is the cause."""
     first = cache(b, h, t, d, torch.float16)
     kvs = [first] + [random_host_cache(b, h, t, d, torch.float16, like=first)
                      for _ in range(max(counts) - 1)]  # fmt: skip
@@ -203,9 +204,11 @@ def footprint(
             for x in flat:
                 x.sum()
 
-        runs = [("kernel", attend), ("torch sum", total)]
-        if n == max(counts):
-            runs += [(f"kernel, prefetch {a} rows", partial(attend, ahead=a)) for a in aheads]
+        # over the most layers the sweep's 8-row run is the default kernel's: not timed twice
+        kernels = ([(f"kernel, prefetch {a} rows" + (" (the default)" if a == 8 else ""),
+                     partial(attend, ahead=a)) for a in aheads]
+                   if n == max(counts) else [("kernel", attend)])  # fmt: skip
+        runs = [*kernels, ("torch sum", total)]
         for name, run in runs:
             rows.append((f"{name}, {n} layers ({n * per_layer / GB:.0f} GB)",
                          *alone_and_beside(run, n * per_layer, cuda)))  # fmt: skip
@@ -284,8 +287,8 @@ def main() -> None:
             sweep = footprint(a.batch, a.heads, a.ctx, a.head_dim, cuda)
         else:
             sweep = kernel_sweep(a.batch, a.heads, a.ctx, a.head_dim, cuda, a.baseline)
-        if cuda is not None and not a.footprint:
-            sweep += queued_vs_direct(a.batch, a.heads, a.ctx, a.head_dim, cuda)
+            if cuda is not None:
+                sweep += queued_vs_direct(a.batch, a.heads, a.ctx, a.head_dim, cuda)
         print("\n| kernel variant | alone GB/s | beside H2D GB/s | H2D beside it GB/s |")
         print("|---|---|---|---|")
         for name, *figures in sweep:

@@ -104,6 +104,11 @@ def umount(folder: Path) -> None:
 # ---- CLI processes ----
 
 
+def ready_marker(log: str) -> Path:
+    """The file a CLI process (child) creates as it calls its CLI's main, beside its log."""
+    return Path(f"{log}.ready")
+
+
 def child(prog: str, argv: list[str], log: str, env: dict[str, str], fsize: int | None) -> None:
     """A CLI process: stdout and stderr into `log`, exit status = the CLI's. fsize: the
     RLIMIT_FSIZE a small disk stands in for (writes past it fail with EFBIG)."""
@@ -120,7 +125,7 @@ def child(prog: str, argv: list[str], log: str, env: dict[str, str], fsize: int 
     else:
         from zeroinf.cli.generate import main
     finished = False
-    Path(f"{log}.ready").touch()  # in the CLI from here on (wait_ready)
+    ready_marker(log).touch()  # in the CLI from here on (Procs.wait_ready)
     try:
         try:
             code = main(argv)
@@ -167,10 +172,10 @@ class Procs:
     def wait_ready(p: multiprocessing.process.BaseProcess) -> None:
         """Until process `p` (from start) calls its CLI's main: a signal sent before that would
         meet Python's start-up or the child's set-up, not the CLI."""
-        log = Path(p.log)  # type: ignore[attr-defined]
+        log = p.log  # type: ignore[attr-defined]
         deadline = time.monotonic() + TIMEOUT
-        while not log.with_name(f"{log.name}.ready").exists():
-            assert p.is_alive() and time.monotonic() < deadline, log.read_text()
+        while not ready_marker(log).exists():
+            assert p.is_alive() and time.monotonic() < deadline, Path(log).read_text()
             time.sleep(0.001)
 
     def run(self, prog: str, argv: list[str], **kw: Any) -> tuple[int | None, str]:
