@@ -2,7 +2,7 @@
 # One call on the GPU machine: build the native reader, check, and measure, stage by stage.
 #   bash tools/device_run.sh [STAGE ...]      (default: build models kernels io b32 b96 nvme)
 # Stages: build models kernels io gputest b32 b32t b96 b96m nvme ttft q30 q30e q30kv p30 p30kv
-#   p30c p30p3 p30cp p30old copyc hattn hattns hattnab hattnfp profh profhp prof refill mgpu (see docs/benchmarks.md).
+#   p30c p30p3 p30cp p30old copyc hattn hattns hattnab hattnfp hread profh profhp profht prof refill mgpu (see docs/benchmarks.md).
 # Every stage's output goes to $OUT/all.log; JSON results to $OUT/*.json; a table comes last.
 set -u
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
@@ -74,6 +74,9 @@ print(write_shape('llama-2-7b', torch.float16, '$NVME'))"
     profhp) run profhp 400 env PYTHONPATH=. python tools/profile_bench.py --top 25 -- --model opt-30b \
       --offload cpu --gpu-memory 24GiB --batch-size auto --kv-tier cpu --prompt-len 512 \
       --gen-len 2 ;;  # host KV tier: the device's kernels in the prefill
+    profht) run profht 400 env PYTHONPATH=. python tools/profile_bench.py --top 10 \
+      --trace "$OUT/profht.json" -- "${P30[@]}" --kv-tier cpu --gen-len 4 \
+      && gzip -f "$OUT/profht.json" ;;  # host KV tier: a GPU timeline of 3 decode steps
     hattn) run hattn 300 python tools/bench_host_attention.py --json "$OUT/hattn.json" ;;  # issue 7
     hattns) run hattns 200 python tools/bench_host_attention.py --sweep --json "$OUT/hattns.json" ;;
     # the kernel against the one at build/baseline/host_attn.c (copy it there and carry build/baseline)
@@ -90,6 +93,7 @@ print(write_shape('llama-2-7b', torch.float16, '$NVME'))"
     # (a variable before a function call is in its commands' environment for that call only)
     p30cp) ZEROINF_HOST_OUT=copy bench p30cp 500 --trace "${P30[@]}" ;;  # outputs by the copy engine (A/B)
     hattnfp) run hattnfp 300 python tools/bench_host_attention.py --footprint --json "$OUT/hattnfp.json" ;;
+    hread) run hread 200 env PYTHONPATH=. python tools/bench_host_read.py --json "$OUT/hread.json" ;;  # the probe's reader
     hattnq) run hattnq 200 python tools/bench_host_attention.py --quick --json "$OUT/hattnq.json" ;;
     refill) run refill 570 python tools/bench_refill.py --json "$OUT/refill.json" ;;  # issue 9, ~6.5 min
     p30) bench p30 500 "${P30[@]}" ;;

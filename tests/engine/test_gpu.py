@@ -135,3 +135,4 @@ def test_host_memory_probe_runs_its_copies(inference: bool) -> None:
         copied, calls = concurrent_with_h2d(lambda: x.sum(), cuda, 0.3)
         assert copied > 1e9 and calls > 0
         assert measure_host_memory(cuda, 64 << 20, 0.3) > copied
+        assert measure_host_memory(cuda, 0, 0.3, over=[x]) > copied  # a run's cache

@@ -123,6 +123,24 @@ def test_measure_on_cpu_gives_positive_rates(tmp_path: Path) -> None:
     assert r.stream_bytes_per_s("nvme") == min(r.disk_bytes_per_s, r.h2d_bytes_per_s)
 
 
+def test_host_memory_over_tensors_reads_their_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Over a run's cache the probe reads the tensors' own memory, every byte of it: with one
+    second a read the rate is their byte count; a strided tensor (which a copy would replace
+    by fresh memory) is refused."""
+    seen: list[float] = []
+
+    def one_second(fn: object, device: torch.device, repeat: int = 9) -> float:
+        seen.append(1.0)
+        return 1.0
+
+    monkeypatch.setattr(probe_mod, "seconds", one_second)
+    cache = [torch.randn(2, 3, 8, 4, dtype=torch.float16), torch.randn(5, 4)]
+    assert probe_mod.measure_host_memory(CPU, 0, over=cache) == 2 * 3 * 8 * 4 * 2 + 5 * 4 * 4
+    assert seen
+    with pytest.raises(RuntimeError):
+        probe_mod.measure_host_memory(CPU, 0, over=[torch.randn(4, 6)[:, :4]])
+
+
 def test_measure_disk_needs_a_file(tmp_path: Path) -> None:
     from zeroinf.errors import ConfigError
 

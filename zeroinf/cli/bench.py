@@ -275,8 +275,8 @@ def measure(
     if host_stats is not None:  # how much of the host cache the kernel reads through huge pages
         from zeroinf.io.memory import huge_page_share
 
-        cache = [x for kv in model._decode.kv if kv.host for x in (kv.k, kv.v)]
-        host_stats["huge_page_share"] = huge_page_share(cache)
+        host_cache = [x for kv in model._decode.kv if kv.host for x in (kv.k, kv.v)]
+        host_stats["huge_page_share"] = huge_page_share(host_cache)
     profile = model.prefetcher.copy_profile() if a.trace and device.type == "cuda" else {}
     plan = model.plan
     if device.type == "cuda":  # H2D is noisy on a shared host: measure again, count the faster
@@ -285,11 +285,27 @@ def measure(
         mach["h2d_bytes_per_s_after"] = measure_h2d(device, nbytes=512 << 20)
         mach["h2d_bytes_per_s"] = max(mach["h2d_bytes_per_s"], mach["h2d_bytes_per_s_after"])
         if host_tier:  # the host memory term of the roofline: the same rule
-            from zeroinf.engine.probe import measure_host_memory, streaming_bytes
+            from zeroinf.engine.probe import (
+                host_reader,
+                measure_host_memory,
+                seconds,
+                streaming_bytes,
+            )
 
             after = measure_host_memory(device, streaming_bytes(4 << 30), 2.0)
             mach["host_memory_bytes_per_s_after"] = after
             mach["host_memory_bytes_per_s"] = max(mach["host_memory_bytes_per_s"] or 0, after)
+            # The same reader over the run's own cache (tens of GB, against the probe's 4 GiB),
+            # alone and beside H2D: how fast this machine read that footprint at the time
+            # (docs/benchmarks.md). Not a roofline term: the kernel has read it faster than
+            # torch's sum does.
+            read, nbytes = host_reader(0, host_cache)
+            mach["host_read_over_cache_bytes_per_s"] = nbytes / seconds(
+                read, torch.device("cpu"), 2
+            )
+            mach["host_memory_over_cache_bytes_per_s"] = measure_host_memory(
+                device, 0, 3.0, over=host_cache
+            )
     h2d = mach["h2d_bytes_per_s"]
     stream_bw = min(disk, h2d) if disk is not None and a.offload == "nvme" else h2d
     machine = Machine(stream_bw, mach["flops"], mach["hbm_bytes_per_s"],
@@ -302,15 +318,13 @@ def measure(
 
         per_vector = kv_vector_bytes(cost.head_dim, cost.itemsize, a.kv_dtype)
         cost = replace(cost, kv_vector_bytes=per_vector)
-    pre_floor, dec_floor = roofline_seconds(
-        cost,
-        plan.rank_streamed_bytes,
-        machine,
-        batch,
-        a.prompt_len,
-        st.new_tokens,
-        kv_host_share=len(plan.kv_host_layers(cost.layers)) / cost.layers,
-    )
+    kv_host_share = len(plan.kv_host_layers(cost.layers)) / cost.layers
+
+    def roofline(m: Machine) -> tuple[float, float]:
+        return roofline_seconds(cost, plan.rank_streamed_bytes, m, batch, a.prompt_len,
+                                st.new_tokens, kv_host_share)  # fmt: skip
+
+    pre_floor, dec_floor = roofline(machine)
     roof_tps = batch * st.new_tokens / (pre_floor + dec_floor)
     steps = max(1, st.new_tokens - 1)
     res: dict[str, Any] = {
@@ -439,6 +453,11 @@ def print_table(r: dict[str, Any]) -> None:
              if r["decode_step_vs_transfer"] else "")
           + (f"; max GPU mem {r['max_memory_allocated'] / GB:.2f} GB"
              if "max_memory_allocated" in r else ""))  # fmt: skip
+    if "host_memory_over_cache_bytes_per_s" in m:
+        probe, cache = m["host_memory_bytes_per_s"], m["host_memory_over_cache_bytes_per_s"]
+        alone = m["host_read_over_cache_bytes_per_s"]
+        print(f"  host memory {probe / GB:.1f} GB/s over the probe's buffer (the roofline's), "
+              f"{cache / GB:.1f} over this run's cache ({alone / GB:.1f} read alone)")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

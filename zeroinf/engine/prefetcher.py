@@ -35,6 +35,7 @@ from zeroinf.synthetic import SyntheticCheckpoint
 
 _TICK = itertools.count()
 _POLL_S = 0.5  # how often a blocked wait checks whether the other side died
+ROWS_BY_CORES = 4 << 20  # gathered rows up to this many bytes: read by the GPU's cores
 
 
 @dataclass
@@ -233,7 +234,12 @@ class Prefetcher:
     ) -> torch.Tensor:
         """Rows of unit j's host-kept table for ids [B, S] -> [B, S, E] on the device (into
         `out` when given): gathered on the host into pinned staging, then one copy on the
-        current stream. Reading the ids waits for them (in decode: the last step's sampling)."""
+        current stream. Reading the ids waits for them (in decode: the last step's sampling).
+        Up to ROWS_BY_CORES bytes (a decode step's rows) the GPU's cores read the staging
+        (kernels.copy_from_pinned): on the copy engine the copy waited behind the next step's
+        first unit copies, which start as the last step ends (47 ms a step for OPT-30B's host
+        KV tier, whose GPU and CPU both idled meanwhile; docs/benchmarks.md). A prefill
+        chunk's rows (tens of MB) take the engine, whose rate they need."""
         table = self.tables[j]  # [V, E]
         flat = ids.reshape(-1).cpu()
         n, width = flat.numel(), table.shape[1]
@@ -243,7 +249,12 @@ class Prefetcher:
         torch.index_select(table, 0, flat, out=rows)
         if out is None:
             out = torch.empty(*ids.shape, width, dtype=table.dtype, device=self.device)
-        out.view(n, width).copy_(rows, non_blocking=self.cuda)
+        if self.cuda and nbytes <= ROWS_BY_CORES:
+            from kernels import copy_from_pinned
+
+            copy_from_pinned(rows, out.view(n, width))
+        else:
+            out.view(n, width).copy_(rows, non_blocking=self.cuda)
         if stage[1] is not None:
             stage[1].record()  # the staging buffer is reused once this copy has finished
         return out

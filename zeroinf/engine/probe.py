@@ -313,18 +313,41 @@ def streaming_bytes(floor: int) -> int:
     return max(floor, 8 * last_level_cache_bytes())
 
 
-def measure_host_memory(device: torch.device, nbytes: int, seconds_: float = 1.0) -> float:
-    """Host memory bytes/s with every torch thread reading (a sum over `nbytes`) while, on a
-    GPU, pinned H2D copies run beside them: the total of both, which is what the host KV tier's
-    attention and the weights' stream share; the best of three windows of seconds_ / 3."""
-    x = torch.ones(nbytes // 4, dtype=torch.float32)
+def host_reader(
+    nbytes: int, over: list[torch.Tensor] | None = None
+) -> tuple[Callable[[], None], int]:
+    """(a function that reads host memory on all torch threads, the bytes it reads): a sum
+    over a fresh buffer of `nbytes`, or over the bytes of the contiguous host tensors `over`
+    (a run's own cache, whose tens of GB may read slower than a few: zeroinf-bench reports
+    both). The sum is of int64 words, whatever the bytes hold, so its speed does not depend
+    on the values."""
+    if over is None:
+        xs = [torch.ones(nbytes // 8, dtype=torch.int64)]
+    else:  # int64 views of the tensors' own bytes: no copies
+        xs = [t.view(-1).view(torch.uint8).view(torch.int64) for t in over]
+
+    def read() -> None:
+        for x in xs:
+            x.sum()
+
+    return read, sum(x.nbytes for x in xs)
+
+
+def measure_host_memory(
+    device: torch.device, nbytes: int, seconds_: float = 1.0, over: list[torch.Tensor] | None = None
+) -> float:
+    """Host memory bytes/s with every torch thread reading (host_reader's sum over `nbytes`, or
+    over the tensors `over`) while, on a GPU, pinned H2D copies run beside them: the total of
+    both, which is what the host KV tier's attention and the weights' stream share; the best
+    of three windows of seconds_ / 3."""
+    read, nbytes = host_reader(nbytes, over)
     cpu = torch.device("cpu")
     if device.type != "cuda":
-        return nbytes / seconds(lambda: x.sum(), cpu, repeat=3)
+        return nbytes / seconds(read, cpu, repeat=3)
     best = 0.0
     for _ in range(3):  # a capacity: the best of three windows (the host is shared)
-        copied, read = concurrent_with_h2d(lambda: x.sum(), device, seconds_ / 3)
-        best = max(best, copied + read * nbytes)
+        copied, calls = concurrent_with_h2d(read, device, seconds_ / 3)
+        best = max(best, copied + calls * nbytes)
     return best
 
 
