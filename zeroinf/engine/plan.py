@@ -239,7 +239,9 @@ def _even(resident: set[int], size: list[int], host: dict[int, int]) -> set[int]
     which two slots cannot hide when a layer computes for less than a copy takes (with the cache
     in host memory: ~17-22 ms of attention against ~24 ms of copy). The cost model predicts 4-6%
     off that step; runs with either layout still waited ~0.35 s per step for weights
-    (docs/benchmarks.md, nvidia-h100-x1, 2026-11-24)."""
+    (docs/benchmarks.md, nvidia-h100-x1, 2026-11-24). The first member is resident: a step
+    starts on it instead of waiting for its copy, which can only start as the last step ends
+    (the slots hold its last units until then) while the device waits for the step's inputs."""
     groups: dict[int, list[int]] = {}
     for i, nb in enumerate(size):
         if i not in host:
@@ -249,7 +251,7 @@ def _even(resident: set[int], size: list[int], host: dict[int, int]) -> set[int]
         k = sum(i in resident for i in members)
         if 0 < k < len(members):
             out -= set(members)
-            out |= {members[(2 * j + 1) * len(members) // (2 * k)] for j in range(k)}
+            out |= {members[j * len(members) // k] for j in range(k)}
     return out
 
 
