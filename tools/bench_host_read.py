@@ -11,12 +11,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from zeroinf.engine.probe import concurrent_with_h2d, seconds
-from zeroinf.io import aligned_empty
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling, run as a script
+from bench_host_attention import alone_and_beside  # noqa: E402  (also puts the checkout first)
+
+from zeroinf.io import aligned_empty  # noqa: E402
 
 GB = 1e9
 
@@ -50,12 +55,8 @@ def main() -> None:
     for name, buf in buffers(nbytes).items():
         for as_ in (torch.float32, torch.int64):
             x = buf.view(torch.uint8).view(as_)
-            alone = nbytes / seconds(lambda x=x: x.sum(), torch.device("cpu"), 5) / GB
-            beside = h2d = None
-            if cuda is not None:
-                copied, calls = concurrent_with_h2d(lambda x=x: x.sum(), cuda, 2.0)
-                beside, h2d = calls * nbytes / GB, copied / GB
-            rows.append((f"{name}, read as {str(as_).removeprefix('torch.')}", alone, beside, h2d))
+            rates = alone_and_beside(lambda x=x: x.sum(), nbytes, cuda)  # GB/s; NaN: no CUDA
+            rows.append((f"{name}, read as {str(as_).removeprefix('torch.')}", *rates))
             print(rows[-1], flush=True)
     if cuda is not None:  # what pinning a host cache in place would cost (GB/s registered)
         x = aligned_empty(nbytes)
@@ -76,7 +77,7 @@ def main() -> None:
             json.dump(rows, f, indent=1)
     print(f"\n{'reader over ' + str(a.gib) + ' GiB':58} {'alone':>7} {'+H2D':>7} {'H2D':>7}")
     for name, alone, beside, h2d in rows:
-        fmt = lambda v: f"{v:7.1f}" if v is not None else "      -"  # noqa: E731
+        fmt = lambda v: f"{v:7.1f}" if not math.isnan(v) else "      -"  # noqa: E731
         print(f"{name:58} {fmt(alone)} {fmt(beside)} {fmt(h2d)}")
 
 

@@ -318,13 +318,15 @@ def measure(
 
         per_vector = kv_vector_bytes(cost.head_dim, cost.itemsize, a.kv_dtype)
         cost = replace(cost, kv_vector_bytes=per_vector)
-    kv_host_share = len(plan.kv_host_layers(cost.layers)) / cost.layers
-
-    def roofline(m: Machine) -> tuple[float, float]:
-        return roofline_seconds(cost, plan.rank_streamed_bytes, m, batch, a.prompt_len,
-                                st.new_tokens, kv_host_share)  # fmt: skip
-
-    pre_floor, dec_floor = roofline(machine)
+    pre_floor, dec_floor = roofline_seconds(
+        cost,
+        plan.rank_streamed_bytes,
+        machine,
+        batch,
+        a.prompt_len,
+        st.new_tokens,
+        kv_host_share=len(plan.kv_host_layers(cost.layers)) / cost.layers,
+    )
     roof_tps = batch * st.new_tokens / (pre_floor + dec_floor)
     steps = max(1, st.new_tokens - 1)
     res: dict[str, Any] = {
