@@ -408,10 +408,17 @@ def print_table(r: dict[str, Any]) -> None:
     if h and h["kernel_calls"]:
         share = h.get("huge_page_share")
         huge = f"{share:.2f} of its mappings" if share is not None else "unknown"
+        keys = []  # how the prompt's keys reached the cache: the copy engine, the writer thread
+        if h["dma_bytes"]:
+            keys.append(f"prompt keys by DMA into the pinned cache ({h['dma_bytes'] / GB:.1f} GB)")
+        if h["writer_bytes"] or not h["dma_bytes"]:
+            keys.append(
+                f"prompt keys written in {h['writer_s']:.2f} s ({h['writer_bytes'] / GB:.1f} GB)"
+            )
         print(
             f"  host attention: {h['kernel_s_per_step']:.3f} s of each decode step in the kernel "
-            f"({h['kernel_bytes_per_s'] / GB:.1f} GB/s of cache read); prompt keys written in "
-            f"{h['writer_s']:.2f} s ({h['writer_bytes'] / GB:.1f} GB); huge pages: {huge}"
+            f"({h['kernel_bytes_per_s'] / GB:.1f} GB/s of cache read); {'; '.join(keys)}; "
+            f"huge pages: {huge}"
         )
     print(
         f"\n{r['model']} {r['dtype']} on {r['device_name']} ({r['date']}), offload "

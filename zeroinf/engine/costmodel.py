@@ -248,9 +248,10 @@ def _beside_rates(cpu_rate: float, link_rate: float, rates: Rates) -> tuple[floa
 
 def _host_prefill_s(size: ModelSize, host_share: float) -> float:
     """What a prefill chunk's host layers add on the device's path: HOST_LAYER_S each. Their keys
-    and values go down on a side stream and into the cache from the writer thread, beside the
-    device's compute (predict counts the D2H as a floor of the pass; the thread wrote OPT-30B's
-    67.6 GB at batch 96 in 3.3 s against 5.2 s of prefill on the H100 machine, 2026-11-24)."""
+    and values go down on a side stream, beside the device's compute: by the copy engine straight
+    into a pinned cache, else into the cache from the writer thread (predict counts the D2H as a
+    floor of the pass; the thread wrote OPT-30B's 67.6 GB at batch 96 in 3.3 s against 5.2 s of
+    prefill on the H100 machine, 2026-11-24)."""
     return size.cfg.num_layers * host_share * HOST_LAYER_S
 
 

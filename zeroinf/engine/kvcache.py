@@ -10,7 +10,10 @@ planner's.
 
 from __future__ import annotations
 
+import concurrent.futures as cf
+import logging
 import math
+import time
 from collections.abc import Collection
 
 import torch
@@ -19,9 +22,13 @@ from zeroinf.errors import ConfigError
 from zeroinf.io import aligned_empty
 from zeroinf.models.base import LayerKV
 from zeroinf.models.config import ModelConfig
+from zeroinf.sizes import fmt_bytes
+
+log = logging.getLogger("zeroinf")
 
 KV_DTYPES = (None, "int8")
 KV_TIER_CHOICES = (None, "gpu", "cpu", "split")  # None: the planner's choice (plan.KV_TIERS)
+PIN_THREADS = 8  # threads registering a pinned host cache's tensors with CUDA (new_kv_cache)
 
 
 def check_kv_dtype(kv_dtype: str | None) -> str | None:
@@ -76,13 +83,25 @@ def new_kv_cache(
 
     host_layers: the layers of the "cpu" and "split" KV tiers (plan.KV_TIERS): their cache lives
     in host memory whatever `device` is, and attention over it runs on the CPU
-    (models/host_attention.py). It is ordinary
-    (pageable) memory: only the step's q, k, v and output cross PCIe, through small pinned
-    staging buffers, so pinning the cache would cost ~0.6 s per GiB at allocation for no
-    transfer it speeds up. It is mapped with transparent huge pages where the kernel allows
-    (io.aligned_empty), which the host attention reads faster, and zeroed here, on all of
-    torch's threads: the pages are faulted in now, not by the prefill's cache writes."""
+    (models/host_attention.py). It is mapped with transparent huge pages where the kernel allows
+    (io.aligned_empty), which the host attention reads faster.
+
+    On a CUDA device a 16-bit or float32 host cache is page-locked (LayerKV.pinned): a prompt's
+    keys and values then go from the device straight into the cache by DMA, one strided copy
+    per tensor (models.host_transfer.CacheDMA), where a writer thread copied them from pinned
+    staging on the CPU (2.2-5.8 s for OPT-30B's 67.6 GB at batch 96 on the H100 machine, which
+    paced the prefill on slow machines). Pinning costs ~3.4 s for 72 GB, at a shape's first
+    call only: DecodeState keeps the cache for same-shaped calls. The layers are registered
+    side by side (_pinned_host_cache); if pinning fails, a warning says so and the cache is
+    pageable, as on a CPU device and for int8 (whose writes quantize on the CPU anyway): zeroed
+    here on all of torch's threads, so the pages are faulted in now, not by the prefill's cache
+    writes, and the prompt's keys reach it through the writer thread."""
+    kv_dtype = check_kv_dtype(kv_dtype)
     shape = (batch, cfg.num_kv_heads, tokens, cfg.head_dim)
+    pinned = None  # layer -> its pinned k, v
+    if host_layers and device.type == "cuda" and kv_dtype is None:
+        layers = [i for i in range(cfg.num_layers) if i in host_layers]
+        pinned = _pinned_host_cache(shape, dtype, layers)
 
     def zeros(size: tuple[int, ...], dt: torch.dtype, host: bool) -> torch.Tensor:
         if not host:
@@ -90,11 +109,40 @@ def new_kv_cache(
         n = math.prod(size) * dt.itemsize
         return aligned_empty(n).view(dt).view(size).zero_()
 
-    def layer(host: bool) -> LayerKV:
-        if check_kv_dtype(kv_dtype) == "int8":
-            return LayerKV(zeros(shape, torch.int8, host), zeros(shape, torch.int8, host),
-                           zeros(shape[:3], torch.float32, host),
-                           zeros(shape[:3], torch.float32, host), host)  # fmt: skip
-        return LayerKV(zeros(shape, dtype, host), zeros(shape, dtype, host), host=host)
+    def layer(i: int) -> LayerKV:
+        on_host = i in host_layers
+        if kv_dtype == "int8":
+            return LayerKV(zeros(shape, torch.int8, on_host), zeros(shape, torch.int8, on_host),
+                           zeros(shape[:3], torch.float32, on_host),
+                           zeros(shape[:3], torch.float32, on_host), on_host)  # fmt: skip
+        if on_host and pinned is not None:
+            return LayerKV(*pinned[i], host=True, pinned=True)
+        return LayerKV(zeros(shape, dtype, on_host), zeros(shape, dtype, on_host), host=on_host)
 
-    return [layer(i in host_layers) for i in range(cfg.num_layers)]
+    return [layer(i) for i in range(cfg.num_layers)]
+
+
+def _pinned_host_cache(
+    shape: tuple[int, ...], dtype: torch.dtype, layers: list[int]
+) -> dict[int, tuple[torch.Tensor, torch.Tensor]] | None:
+    """Layer -> its k, v [shape], page-locked; None (with a warning) where pinning fails.
+    cudaHostRegister runs ~20 GB/s on one thread, so PIN_THREADS register tensors side by side
+    (and a CUDA error stays in the worker thread that met it, not in torch's). Not zeroed:
+    fresh anonymous pages are zero, and registration faults every one in."""
+    nbytes = math.prod(shape) * dtype.itemsize
+
+    def one(_: int) -> torch.Tensor:
+        return aligned_empty(nbytes, pin=True).view(dtype).view(shape)
+
+    t0 = time.perf_counter()
+    try:
+        with cf.ThreadPoolExecutor(PIN_THREADS, thread_name_prefix="zeroinf-kv-pin") as pool:
+            tensors = list(pool.map(one, range(2 * len(layers))))
+    except RuntimeError as e:  # the tensors pinned so far unpin as they are freed
+        log.warning("zeroinf: pinning the host KV cache (%s) failed (%s): it stays pageable, "
+                    "and the prompt's keys reach it through the writer thread",
+                    fmt_bytes(2 * len(layers) * nbytes), e)  # fmt: skip
+        return None
+    log.info("zeroinf: pinned the host KV cache (%s) in %.2f s",
+             fmt_bytes(2 * len(layers) * nbytes), time.perf_counter() - t0)  # fmt: skip
+    return {i: (tensors[2 * n], tensors[2 * n + 1]) for n, i in enumerate(layers)}

@@ -74,19 +74,25 @@ class LayerKV:
     host: the cache is the host ("cpu") KV tier: its tensors live in host memory whatever the
     compute device, and models.layers.attend runs this layer's attention on the CPU
     (models/host_attention.py). A flag rather than a test of the tensors' device, so that the
-    same path runs, and is tested, on a CPU-only machine."""
+    same path runs, and is tested, on a CPU-only machine.
+
+    pinned: a host cache whose k and v are page-locked (engine.kvcache.new_kv_cache on a CUDA
+    device): a prompt's keys and values go into it by the copy engine
+    (models.host_transfer.CacheDMA), not through the writer thread. Set once at allocation, so
+    that no step asks CUDA whether memory is pinned."""
 
     k: torch.Tensor
     v: torch.Tensor
     k_scale: torch.Tensor | None = None
     v_scale: torch.Tensor | None = None
     host: bool = False
+    pinned: bool = False
 
     def rows(self, a: int, b: int) -> LayerKV:
         """The cache of rows a..b-1 (views: writes land in this cache)."""
         ks = self.k_scale[a:b] if self.k_scale is not None else None
         vs = self.v_scale[a:b] if self.v_scale is not None else None
-        return LayerKV(self.k[a:b], self.v[a:b], ks, vs, self.host)
+        return LayerKV(self.k[a:b], self.v[a:b], ks, vs, self.host, self.pinned)
 
     @property
     def quantized(self) -> bool:

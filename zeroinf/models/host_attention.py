@@ -21,8 +21,10 @@ the compute device without a sync (stream-ordered, from a pinned buffer). The GP
 each layer's host attention; the prefetcher's copy stream keeps streaming weights meanwhile
 (engine/costmodel.py models that, and that both read host memory). A prompt that sees no
 earlier cache entry is the exception: its attention stays on the GPU and only its keys and
-values go to the host, written by HostWriter's thread (models/host_transfer.py) without a
-host sync (see attend_host).
+values go to the host without a host sync (see attend_host): by the copy engine straight into
+a pinned cache (CacheDMA, models/host_transfer.py: a GPU's 16-bit or float32 cache), else
+written by HostWriter's thread (a CPU device, an int8 cache, or a cache that could not be
+pinned).
 
 The arithmetic is models.layers.attend's: the same cache writes, the same keys (a prefill over
 an int8 cache attends over its own keys as computed), the same SDPA on the host's copy; on a
@@ -43,7 +45,7 @@ from torch.profiler import record_function
 
 from zeroinf.errors import ConfigError
 from zeroinf.models.base import LayerKV
-from zeroinf.models.host_transfer import to_host, writer
+from zeroinf.models.host_transfer import cache_dma, to_host, writer
 from zeroinf.models.layers import sdpa, step_keys, write_kv
 
 log = logging.getLogger("zeroinf")
@@ -88,12 +90,20 @@ def attend_host(
         # whose predecessor's entries are masked) attends only over its own keys, which are on
         # the compute device already (and equal the cache's in the model's dtype): its S x S
         # attention runs there, on a GPU orders of magnitude faster than on the CPU; only the
-        # keys go to the host, without a host sync: the writer thread puts them in the cache
-        # while the device goes on (flushed before the cache is read).
-        writer.submit(kv, k, v, start)
+        # keys go to the host, without a host sync, while the device goes on: by the copy
+        # engine into a pinned cache, else through the writer thread (both waited for before
+        # the cache is read).
+        if k.is_cuda and kv.pinned and not kv.quantized:
+            cache_dma.submit(kv, k, v, start)
+        else:
+            writer.submit(kv, k, v, start)
         o = sdpa(q, k, v, mask[..., start:end], scale)  # [B, H, S, D]
         return o.transpose(1, 2).reshape(B, S, H * D)
-    writer.flush()  # this layer's cache complete before it is read
+    # This layer's cache complete before it is read: the writer's writes (the host waits), the
+    # copy engine's (this stream waits: what it runs from here on may read the cache).
+    writer.flush()
+    if q.is_cuda:
+        cache_dma.order(q.device)
     cuda = q.is_cuda
     stream = torch.cuda.current_stream(q.device) if cuda else None
     with record_function("host_attn.to_host"):  # spans for the profiler (tools/profile_bench)
@@ -175,6 +185,7 @@ def finish_host_work(raise_errors: bool = True) -> None:
     """Every prompt key and value submitted so far is in its host cache and every queued host
     attention has run (the executor calls it at the end of each pass, so that nothing of the
     host KV tier outlives a pass; raise_errors=False when the pass fails anyway)."""
+    cache_dma.wait()  # first: the caller may free the caches even if what follows raises
     try:
         in_flight.wait()
     except MemoryError:
@@ -184,12 +195,13 @@ def finish_host_work(raise_errors: bool = True) -> None:
 
 
 def take_stats() -> dict[str, float]:
-    """Since the last call (and reset): the native kernel's calls and wall seconds, and the
-    writer thread's seconds in write_kv and the bytes it wrote (zeroinf-bench reports them)."""
+    """Since the last call (and reset): the native kernel's calls and wall seconds, the writer
+    thread's seconds in write_kv and the bytes it wrote, and the bytes the copy engine was given
+    to put into pinned caches (zeroinf-bench reports them)."""
     calls, seconds = native.stats() if native is not None else (0, 0.0)  # type: ignore[attr-defined]
     out = {"kernel_calls": calls, "kernel_s": seconds, "writer_s": writer.busy_s,
-           "writer_bytes": writer.written_bytes}  # fmt: skip
-    writer.busy_s, writer.written_bytes = 0.0, 0
+           "writer_bytes": writer.written_bytes, "dma_bytes": cache_dma.copied_bytes}  # fmt: skip
+    writer.busy_s, writer.written_bytes, cache_dma.copied_bytes = 0.0, 0, 0
     return out
 
 

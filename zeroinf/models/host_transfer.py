@@ -1,17 +1,22 @@
 """Moving the host KV tier's tensors between the device and host memory (models/host_attention.py
-uses them): to_host's pinned staging copies, and HostWriter, which puts a prompt's keys and
-values into a host cache off the calling thread.
+uses them): to_host's pinned staging copies; CacheDMA, which has the copy engine put a
+prompt's keys and values straight into a pinned host cache; and HostWriter, which puts them
+into a pageable (or int8) one off the calling thread.
 
-The host KV tier, not the prefetcher, owns this side stream, its events and this staging: they
-serve a KV cache whose use ends with each pass, not the units' weights the prefetcher streams
-and keeps slots for.
+The host KV tier, not the prefetcher, owns these side streams, their events and this staging:
+they serve a KV cache whose use ends with each pass, not the units' weights the prefetcher
+streams and keeps slots for.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import queue
 import threading
 import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -112,3 +117,138 @@ class HostWriter:
 
 
 writer = HostWriter()
+
+
+@dataclass(frozen=True)
+class Copy2D:
+    """Where one 2D copy writes: `height` rows of `width` bytes, row r at dst + r * dst_pitch
+    (the source packed: its rows `width` bytes apart)."""
+
+    dst: int  # address of row 0's first byte
+    dst_pitch: int
+    width: int
+    height: int
+
+
+def cache_copy_2d(cache: torch.Tensor, start: int, shape: Sequence[int]) -> Copy2D:
+    """The 2D copy that writes a packed x of `shape` [B, Hkv, S, D] into cache [B, Hkv, T, D]
+    (a host cache of new_kv_cache, or a LayerKV.rows view of one) at indices start .. start+S-1:
+    one row per (b, h), its S * D values contiguous in both. That needs the cache's (b, h)
+    rows evenly spaced (stride(0) == Hkv * stride(1)) and each token's D values packed right
+    after the previous token's (stride(2) == D, stride(3) == 1); ValueError otherwise."""
+    B, Hkv, T, D = cache.shape
+    S = shape[2]
+    if tuple(shape) != (B, Hkv, S, D) or not 0 <= start <= T - S:
+        raise ValueError(f"cannot copy {tuple(shape)} into a cache of {tuple(cache.shape)} "
+                         f"at index {start}")  # fmt: skip
+    if cache.stride(3) != 1 or cache.stride(2) != D or cache.stride(0) != Hkv * cache.stride(1):
+        raise ValueError(f"the cache's strides {cache.stride()} are not one 2D copy's rows: "
+                         "need stride(0) == Hkv * stride(1), stride(2) == D, "
+                         "stride(3) == 1")  # fmt: skip
+    item = cache.element_size()
+    return Copy2D(dst=cache.data_ptr() + start * D * item, dst_pitch=cache.stride(1) * item,
+                  width=S * D * item, height=B * Hkv)  # fmt: skip
+
+
+CU_MEMORYTYPE_HOST = 1  # CUmemorytype (cuda.h)
+CU_MEMORYTYPE_DEVICE = 2
+
+
+class CudaMemcpy2D(ctypes.Structure):
+    """cuda.h's CUDA_MEMCPY2D (ctypes pads it as the C compiler does)."""
+
+    _fields_ = [
+        ("srcXInBytes", ctypes.c_size_t), ("srcY", ctypes.c_size_t),
+        ("srcMemoryType", ctypes.c_int), ("srcHost", ctypes.c_void_p),
+        ("srcDevice", ctypes.c_ulonglong), ("srcArray", ctypes.c_void_p),
+        ("srcPitch", ctypes.c_size_t),
+        ("dstXInBytes", ctypes.c_size_t), ("dstY", ctypes.c_size_t),
+        ("dstMemoryType", ctypes.c_int), ("dstHost", ctypes.c_void_p),
+        ("dstDevice", ctypes.c_ulonglong), ("dstArray", ctypes.c_void_p),
+        ("dstPitch", ctypes.c_size_t),
+        ("WidthInBytes", ctypes.c_size_t), ("Height", ctypes.c_size_t),
+    ]  # fmt: skip
+
+
+def device_to_host_2d(src: int, copy: Copy2D) -> CudaMemcpy2D:
+    """The driver's arguments for `copy` from packed device memory at address `src`."""
+    return CudaMemcpy2D(
+        srcMemoryType=CU_MEMORYTYPE_DEVICE, srcDevice=src, srcPitch=copy.width,
+        dstMemoryType=CU_MEMORYTYPE_HOST, dstHost=copy.dst, dstPitch=copy.dst_pitch,
+        WidthInBytes=copy.width, Height=copy.height,
+    )  # fmt: skip
+
+
+@functools.cache
+def _memcpy_2d_async() -> Callable[..., int]:
+    """cuMemcpy2DAsync from the CUDA driver, loaded at first use (torch has loaded the driver
+    by then; torch exposes no 2D copy to host memory)."""
+    fn = ctypes.CDLL("libcuda.so.1").cuMemcpy2DAsync_v2
+    fn.argtypes = (ctypes.POINTER(CudaMemcpy2D), ctypes.c_void_p)
+    fn.restype = ctypes.c_int  # CUresult
+    return fn
+
+
+def copy_to_cache_async(
+    kv: LayerKV, k: torch.Tensor, v: torch.Tensor, start: int, stream: torch.cuda.Stream
+) -> int:
+    """Queue on `stream` the copies of k, v [B, Hkv, S, D] (CUDA, any strides, computed before
+    `stream`'s work) into the pinned host cache kv.k, kv.v [B, Hkv, T, D] at indices
+    start .. start+S-1: one 2D copy each by the copy engine (cache_copy_2d), no host sync.
+    Returns the bytes queued."""
+    queued = 0
+    with torch.cuda.stream(stream):  # the stream's device current: the driver's context
+        for cache, x in ((kv.k, k), (kv.v, v)):
+            packed = x.to(cache.dtype, memory_format=torch.contiguous_format)  # [B, Hkv, S, D]
+            args = device_to_host_2d(packed.data_ptr(), cache_copy_2d(cache, start, x.shape))
+            err = _memcpy_2d_async()(ctypes.byref(args), stream.cuda_stream)
+            if err:
+                raise RuntimeError(f"cuMemcpy2DAsync_v2 into the host KV cache failed: "
+                                   f"CUresult {err}")  # fmt: skip
+            for t in (x, packed):  # their memory is not reused before the copy is done
+                t.record_stream(stream)
+            queued += packed.nbytes
+    return queued
+
+
+class CacheDMA:
+    """Puts a prompt's keys and values into pinned host caches by the copy engine: submit()
+    queues their copies on a side stream (one per device) after the current stream's work so
+    far, and records a "done" event; order() makes a stream wait for it (no host sync) before
+    it reads a host cache; wait() blocks until every copy is done, at the end of a pass, so
+    that no copy outlives it (the caller may then free or reuse the caches)."""
+
+    def __init__(self) -> None:
+        self.streams: dict[torch.device, torch.cuda.Stream] = {}  # D2H, one per device
+        self.done: dict[torch.device, torch.cuda.Event] = {}  # after the last copies queued
+        self.copied_bytes = 0  # bytes queued (benchmarks)
+
+    def submit(self, kv: LayerKV, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
+        """k, v [B, Hkv, S, D] (CUDA) into the pinned host cache `kv` at indices
+        start .. start+S-1, stream-ordered after their computation."""
+        side = self.streams.get(k.device)
+        if side is None:
+            side = self.streams[k.device] = torch.cuda.Stream(k.device)
+        side.wait_stream(torch.cuda.current_stream(k.device))  # k, v computed
+        try:
+            self.copied_bytes += copy_to_cache_async(kv, k, v, start, side)
+        finally:  # also after a failed copy: wait() covers any copy queued before it
+            done = torch.cuda.Event(blocking=True)  # its waiter sleeps (InFlight says why)
+            done.record(side)
+            self.done[k.device] = done
+
+    def order(self, device: torch.device) -> None:
+        """The current stream of `device` waits for every copy queued so far (on the device:
+        the host goes on), before anything it runs reads a host cache."""
+        done = self.done.get(device)
+        if done is not None:
+            torch.cuda.current_stream(device).wait_event(done)
+
+    def wait(self) -> None:
+        """Every queued copy is in its cache (a host sync)."""
+        for done in self.done.values():
+            done.synchronize()
+        self.done.clear()
+
+
+cache_dma = CacheDMA()
