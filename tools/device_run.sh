@@ -40,7 +40,7 @@ python setup.py build_ext --inplace" ;;
     models) run models 300 python tools/check_models_gpu.py ;;
     kernels) run kernels 300 python tools/bench_kernels.py --json "$OUT/kernels.json" ;;
     io) run io 400 python tools/bench_io.py --dir "$NVME/io" --json "$OUT/io.json" ;;
-    gputest) run gputest 300 python -m pytest -q -m gpu tests/engine ;;
+    gputest) run gputest 300 python -m pytest -q -m gpu tests/engine tests/models tests/io ;;
     b32) bench b32 300 --trace --model opt-13b --offload cpu --gpu-memory 12GiB --batch-size 32 \
       --prompt-len 512 --gen-len 32 ;;
     # b32 with 12 GiB of weights resident, as the peers count a "12 GiB" run (FlexGen: 11.8 GiB

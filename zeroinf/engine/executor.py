@@ -89,15 +89,18 @@ class Executor:
         return w
 
     def forward(
-        self, batches: list[MicroBatch], graphs: DecodeGraphs | None = None
+        self, batches: list[MicroBatch], graphs: DecodeGraphs | None = None, overlap: bool = False
     ) -> list[torch.Tensor]:
         """The block schedule: each unit, once on the device, serves every micro-batch before it
         is released. ids [B_k, S] per micro-batch -> float32 logits of the last position
         [B_k, V] per micro-batch. With `graphs`, each unit's computation per micro-batch is a
-        replayed CUDA graph (the batches' tensors must then be the same from pass to pass)."""
+        replayed CUDA graph (the batches' tensors must then be the same from pass to pass).
+        overlap: the micro-batches are one-token decodes of disjoint rows, which may run on two
+        streams where their layers attend on the host (_overlap_streams)."""
         t0 = time.perf_counter()
         xs: list[torch.Tensor] = [mb.ids for mb in batches]
-        streams = self._overlap_streams(batches)
+        # graphs share one memory pool: their replays must not overlap
+        streams = self._overlap_streams(batches) if overlap and graphs is None else []
         main = streams[0] if streams else None
         for s in streams[1:2]:
             s.wait_stream(main)  # the pass's inputs, made on the current stream
@@ -127,15 +130,17 @@ class Executor:
     def _overlap_streams(self, batches: list[MicroBatch]) -> list[torch.cuda.Stream]:
         """One CUDA stream per micro-batch, two in turn, for a decode pass whose layers attend
         on the host ([] otherwise: every micro-batch on the current stream). On one stream the
-        device waited for each micro-batch's host attention and the CPU for the device's work
-        between two attentions (~0.1-0.2 s of OPT-30B's ~1.1 s batch-96 step on the H100
-        machine, docs/benchmarks.md); on two, the device works on one micro-batch while the
-        CPU attends for the other (FlexGen's overlap). Prefill chunks stay on one stream: their
-        attention is on the device, and two streams would keep two pools of their (large)
-        activations in the allocator."""
-        first = batches[0]
-        if (not self.prefetcher.cuda or len(batches) < 2 or first.ids.shape[1] != 1
-                or not any(kv.host for kv in first.kv)):  # fmt: skip
+        device waits for each micro-batch's host attention and the CPU for the device's work
+        between two attentions (0.05 s of OPT-30B's 0.86 s batch-96 step on the H100 machine,
+        docs/benchmarks.md); on two, the device works on one micro-batch while the CPU attends
+        for the other (FlexGen's overlap). Only where the caller says so (overlap=True:
+        generate's decode steps, whose micro-batches write disjoint rows of the cache). Prefill
+        chunks stay on one stream (their attention is on the device, and two streams would keep
+        two pools of their large activations), and so does a refill pass, whose decode span may
+        cover a row that a prefill part of the same pass rewrites after it (engine/refill.py),
+        an order only one stream keeps."""
+        if (not self.prefetcher.cuda or len(batches) < 2
+                or not any(kv.host for kv in batches[0].kv)):  # fmt: skip
             return []
         return self.prefetcher.compute_streams(len(batches))
 
