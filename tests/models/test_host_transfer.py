@@ -22,6 +22,7 @@ from zeroinf.models.host_transfer import (
     CudaMemcpy2D,
     cache_copy_2d,
     device_to_host_2d,
+    packed,
 )
 from zeroinf.models.layers import write_kv
 
@@ -37,10 +38,10 @@ def _cfg(layers: int = 3) -> ModelConfig:
 
 def _copy_rows(cache: torch.Tensor, x: torch.Tensor, start: int) -> None:
     """What cuMemcpy2D does with cache_copy_2d's geometry, row by row on the CPU."""
-    packed = x.contiguous()
+    src = packed(x, cache.dtype)  # what copy_to_cache_async sends
     c = cache_copy_2d(cache, start, x.shape)
     for r in range(c.height):
-        ctypes.memmove(c.dst + r * c.dst_pitch, packed.data_ptr() + r * c.width, c.width)
+        ctypes.memmove(c.dst + r * c.dst_pitch, src.data_ptr() + r * c.width, c.width)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

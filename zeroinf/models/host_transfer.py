@@ -170,6 +170,13 @@ class CudaMemcpy2D(ctypes.Structure):
     ]  # fmt: skip
 
 
+def packed(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x [B, Hkv, S, D] in `dtype` with its (b, h) rows of S * D values back to back, the source
+    cache_copy_2d's rows assume. (x.to(dtype, memory_format=torch.contiguous_format) is not
+    that: for a transposed x of the right dtype it returns x itself.)"""
+    return x.to(dtype).contiguous()
+
+
 def device_to_host_2d(src: int, copy: Copy2D) -> CudaMemcpy2D:
     """The driver's arguments for `copy` from packed device memory at address `src`."""
     return CudaMemcpy2D(
@@ -199,15 +206,15 @@ def copy_to_cache_async(
     queued = 0
     with torch.cuda.stream(stream):  # the stream's device current: the driver's context
         for cache, x in ((kv.k, k), (kv.v, v)):
-            packed = x.to(cache.dtype, memory_format=torch.contiguous_format)  # [B, Hkv, S, D]
-            args = device_to_host_2d(packed.data_ptr(), cache_copy_2d(cache, start, x.shape))
+            src = packed(x, cache.dtype)  # [B, Hkv, S, D]
+            args = device_to_host_2d(src.data_ptr(), cache_copy_2d(cache, start, x.shape))
             err = _memcpy_2d_async()(ctypes.byref(args), stream.cuda_stream)
             if err:
                 raise RuntimeError(f"cuMemcpy2DAsync_v2 into the host KV cache failed: "
                                    f"CUresult {err}")  # fmt: skip
-            for t in (x, packed):  # their memory is not reused before the copy is done
+            for t in (x, src):  # their memory is not reused before the copy is done
                 t.record_stream(stream)
-            queued += packed.nbytes
+            queued += src.nbytes
     return queued
 
 
