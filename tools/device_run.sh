@@ -2,7 +2,7 @@
 # One call on the GPU machine: build the native reader, check, and measure, stage by stage.
 #   bash tools/device_run.sh [STAGE ...]      (default: build models kernels io b32 b96 nvme)
 # Stages: build models kernels io gputest b32 b32t b96 b96m nvme ttft q30 q30e q30kv p30 p30kv
-#   p30c p30p3 p30mb p30m1 overlap p30cp p30old copyc hattn hattns hattnab hattnfp hread profh profhp profht prof refill mgpu (see docs/benchmarks.md).
+#   p30c p30p3 p30cp p30old copyc hattn hattns hattnab hattnfp hread profh profhp profht prof refill mgpu (see docs/benchmarks.md).
 # Every stage's output goes to $OUT/all.log; JSON results to $OUT/*.json; a table comes last.
 set -u
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
@@ -99,11 +99,6 @@ print(write_shape('llama-2-7b', torch.float16, '$NVME'))"
     p30) bench p30 500 "${P30[@]}" ;;
     p30p3) bench p30p3 500 --trace "${P30[@]}" --prefetch 3 ;;  # the planner may take a third slot
     p30kv) bench p30kv 500 "${P30[@]}" --kv-dtype int8 ;;
-    # two micro-batches of a host KV tier overlapping on two streams (p30m1: the same plan, one)
-    # the same A/B in one process on one host cache (the cache's read rate moves from process to process)
-    overlap) run overlap 500 env PYTHONPATH=. python tools/bench_overlap.py --rounds 2 --json "$OUT/overlap.json" ;;
-    p30mb) bench p30mb 500 --trace "${P30[@]}" --batch-size 96 --micro-batch 48 --kv-tier cpu ;;
-    p30m1) bench p30m1 500 --trace "${P30[@]}" --batch-size 96 --micro-batch 96 --kv-tier cpu ;;
     p30c) bench p30c 500 "${P30[@]}" --kv-tier cpu ;;  # issue 7: KV cache in host memory
     b96m) bench b96m 400 --model opt-13b --offload cpu --gpu-memory 12GiB --batch-size 96 \
       --micro-batch 32 --prompt-len 512 --gen-len 32 ;;

@@ -316,19 +316,13 @@ def predict(
         # while the copy stream brings the streamed units in: unit by unit (_in_order_s), each
         # unit its share of the device's work and, for a layer whose cache is in host memory,
         # its attention, at the rates the probe measured with the two beside each other.
-        # With two or more micro-batches on a GPU the executor overlaps them (two streams): the
-        # device works on one while the CPU attends for another, so a host layer takes the
-        # longer of the two rather than their sum.
         device = sum(_host_device_s(size, rates, r, ctx, host_share) for r in parts)
         cpu_rate, link_rate = _beside_rates(_cpu_attn_rate(size, rates), link_rate, rates)
         attention = size.kv_token_bytes // layers * batch * ctx / cpu_rate  # one host layer's
-        overlap = len(parts) > 1 and plan.device.startswith("cuda")
         compute, copy = [], []
         for pl in plan.placements:
             own = device * pl.nbytes / size.weight_bytes
-            if layer_index(pl.unit) in host_layers:
-                own = np.maximum(own, attention) if overlap else own + attention
-            compute.append(own)
+            compute.append(own + attention if layer_index(pl.unit) in host_layers else own)
             streamed = pl.tier in STREAMED_TIERS
             copy.append(padded_size(pl.nbytes, plan.world) / plan.world / link_rate if streamed
                         else None)  # fmt: skip

@@ -4,7 +4,6 @@ and hands the model its tensors."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from dataclasses import dataclass
@@ -89,60 +88,33 @@ class Executor:
         return w
 
     def forward(
-        self, batches: list[MicroBatch], graphs: DecodeGraphs | None = None, overlap: bool = False
+        self, batches: list[MicroBatch], graphs: DecodeGraphs | None = None
     ) -> list[torch.Tensor]:
         """The block schedule: each unit, once on the device, serves every micro-batch before it
         is released. ids [B_k, S] per micro-batch -> float32 logits of the last position
         [B_k, V] per micro-batch. With `graphs`, each unit's computation per micro-batch is a
-        replayed CUDA graph (the batches' tensors must then be the same from pass to pass).
-        overlap: the micro-batches are one-token decodes of disjoint rows, which may run on two
-        streams where their layers attend on the host (_overlap_streams)."""
+        replayed CUDA graph (the batches' tensors must then be the same from pass to pass)."""
         t0 = time.perf_counter()
         xs: list[torch.Tensor] = [mb.ids for mb in batches]
-        # graphs share one memory pool: their replays must not overlap
-        streams = self._overlap_streams(batches) if overlap and graphs is None else []
-        main = streams[0] if streams else None
-        for s in streams[1:2]:
-            s.wait_stream(main)  # the pass's inputs, made on the current stream
         layer = 0
         for j, kind in enumerate(self.kinds):
-            buf = self.prefetcher.acquire(j, streams)
+            buf = self.prefetcher.acquire(j)
             w = self._weights(j, buf)
             try:
                 for k, mb in enumerate(batches):
-                    with torch.cuda.stream(streams[k]) if streams else contextlib.nullcontext():
-                        if kind == "embed":  # ids [B_k, S] -> the table's rows [B_k, S, E]
-                            xs[k] = self._rows(j, w, xs[k], k if graphs is not None else None)
-                        fn = partial(self._unit, kind, w, mb, layer)
-                        xs[k] = fn(xs[k]) if graphs is None else graphs.run(j, buf, k, fn, xs[k])
+                    if kind == "embed":  # ids [B_k, S] -> the table's rows [B_k, S, E]
+                        xs[k] = self._rows(j, w, xs[k], k if graphs is not None else None)
+                    fn = partial(self._unit, kind, w, mb, layer)
+                    xs[k] = fn(xs[k]) if graphs is None else graphs.run(j, buf, k, fn, xs[k])
             except BaseException:
                 self._skip_rest_of_pass(j)
                 finish_host_work(raise_errors=False)  # no host KV work outlives a failed pass
                 raise
             layer += kind == "layer"
-            self.prefetcher.release(j, streams)
-        for s in streams[1:2]:
-            main.wait_stream(s)  # the logits, and whatever the caller frees after the pass
+            self.prefetcher.release(j)
         finish_host_work()  # the host KV tier's writes and attentions are done when a pass ends
         self.host_pass_s = time.perf_counter() - t0  # host time to issue the pass (tracing)
         return xs
-
-    def _overlap_streams(self, batches: list[MicroBatch]) -> list[torch.cuda.Stream]:
-        """One CUDA stream per micro-batch, two in turn, for a decode pass whose layers attend
-        on the host ([] otherwise: every micro-batch on the current stream). On one stream the
-        device waits for each micro-batch's host attention and the CPU for the device's work
-        between two attentions (0.05 s of OPT-30B's 0.86 s batch-96 step on the H100 machine,
-        docs/benchmarks.md); on two, the device works on one micro-batch while the CPU attends
-        for the other (FlexGen's overlap). Only where the caller says so (overlap=True:
-        generate's decode steps, whose micro-batches write disjoint rows of the cache). Prefill
-        chunks stay on one stream (their attention is on the device, and two streams would keep
-        two pools of their large activations), and so does a refill pass, whose decode span may
-        cover a row that a prefill part of the same pass rewrites after it (engine/refill.py),
-        an order only one stream keeps."""
-        if (not self.prefetcher.cuda or len(batches) < 2
-                or not any(kv.host for kv in batches[0].kv)):  # fmt: skip
-            return []
-        return self.prefetcher.compute_streams(len(batches))
 
     def _rows(
         self, j: int, w: dict[str, Any], ids: torch.Tensor, static: int | None

@@ -161,7 +161,7 @@ def generate(
                 for s, mb in zip(state.static, parts, strict=True):
                     s.ids.copy_(mb.ids)
                     refresh_context(s.ctx, mb.ctx)
-            logits = torch.cat(executor.forward(state.static, graphs, overlap=True))
+            logits = torch.cat(executor.forward(state.static, graphs))
         nxt = sample(logits, gc, gens)
         n = i + 1
         if len(gc.eos_token_id):

@@ -19,7 +19,6 @@ from __future__ import annotations
 import itertools
 import os
 import threading
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +34,6 @@ from zeroinf.io import PinnedArena, aligned_empty, open_reader
 from zeroinf.synthetic import SyntheticCheckpoint
 
 _TICK = itertools.count()
-COMPUTE_STREAMS = 2  # the current stream and a side stream (overlapping micro-batches)
 _POLL_S = 0.5  # how often a blocked wait checks whether the other side died
 ROWS_BY_CORES = 4 << 20  # gathered rows up to this many bytes: read by the GPU's cores
 
@@ -66,8 +64,7 @@ class _Slot:
         self.free = threading.Event()  # set once the compute that used buf is issued or done
         self.free.set()
         self.ready_ev = torch.cuda.Event() if cuda else None
-        # one per compute stream that may read buf (Prefetcher.compute_streams)
-        self.free_evs = [torch.cuda.Event() for _ in range(COMPUTE_STREAMS)] if cuda else []
+        self.free_ev = torch.cuda.Event() if cuda else None
 
 
 class Prefetcher:
@@ -100,8 +97,6 @@ class Prefetcher:
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
         # CUDA graphs are captured on a stream of their own (engine/graphs.py)
         self.capture_stream = torch.cuda.Stream(device) if self.cuda else None
-        # a second compute stream, for micro-batches that overlap (Executor.forward)
-        self.side_stream = torch.cuda.Stream(device) if self.cuda else None
         self.synthetic = isinstance(ckpt, SyntheticCheckpoint)
         if self.synthetic and any(p.tier == "nvme" for p in plan.placements):
             raise ZeroInfError("a synthetic model has no unit files to stream from NVMe")
@@ -312,8 +307,7 @@ class Prefetcher:
         self.trace("copy_start", j)
         shard = self._shards[g % len(self.slots)] if self.group else None
         if self.cuda:
-            for ev in slot.free_evs:  # an event never recorded is no wait
-                self.copy_stream.wait_event(ev)
+            self.copy_stream.wait_event(slot.free_ev)
             timing = self._copy_timing()
             with torch.cuda.stream(self.copy_stream):
                 self._fill(j, slot.buf, src, shard, non_blocking=True)
@@ -406,15 +400,9 @@ class Prefetcher:
 
     # ---- the compute side (main thread) ----
 
-    def compute_streams(self, n: int) -> list[torch.cuda.Stream]:
-        """Streams for n micro-batches whose work may overlap: the current stream and the side
-        stream in turn (CUDA only)."""
-        pair = (torch.cuda.current_stream(self.device), self.side_stream)
-        return [pair[k % COMPUTE_STREAMS] for k in range(n)]
-
-    def acquire(self, j: int, streams: Sequence[torch.cuda.Stream] = ()) -> torch.Tensor:
+    def acquire(self, j: int) -> torch.Tensor:
         """Unit j's bytes on the device (uint8, >= unit nbytes). Compute may be issued at once:
-        on CUDA the current stream (or each of `streams`) waits for the copy on the device."""
+        on CUDA the current stream waits for the copy on the device."""
         if self._error is not None:  # a failed read leaves the cyclic order mid-pass: say so
             raise self._failure()
         if j in self.resident:
@@ -428,23 +416,19 @@ class Prefetcher:
                 raise self._failure()
         slot.filled.clear()
         if self.cuda:
-            for stream in streams or [torch.cuda.current_stream(self.device)]:
-                stream.wait_event(slot.ready_ev)
+            torch.cuda.current_stream(self.device).wait_event(slot.ready_ev)
         self.trace("compute_start", j)
         return slot.buf
 
-    def release(self, j: int, streams: Sequence[torch.cuda.Stream] = ()) -> None:
-        """Compute that reads unit j's buffer has been issued (on the current stream, or on
-        `streams`, at most COMPUTE_STREAMS distinct ones): its slot may be refilled once that
-        compute finishes."""
+    def release(self, j: int) -> None:
+        """Compute that reads unit j's buffer has been issued: its slot may be refilled once
+        that compute finishes."""
         if j in self.resident:
             return
         slot = self.slots[self._next % len(self.slots)]
         self._next += 1
         if self.cuda:
-            distinct = list(dict.fromkeys(streams)) or [torch.cuda.current_stream(self.device)]
-            for ev, stream in zip(slot.free_evs, distinct, strict=False):
-                ev.record(stream)
+            slot.free_ev.record(torch.cuda.current_stream(self.device))
         self.trace("compute_done", j)
         slot.free.set()
         if self.inline:  # refill this slot with the unit `slots` positions ahead
