@@ -90,12 +90,13 @@ def new_kv_cache(
     keys and values then go from the device straight into the cache by DMA, one strided copy
     per tensor (models.host_transfer.CacheDMA), where a writer thread copied them from pinned
     staging on the CPU (2.2-5.8 s for OPT-30B's 67.6 GB at batch 96 on the H100 machine, which
-    paced the prefill on slow machines). Pinning costs ~3.4 s for 72 GB, at a shape's first
-    call only: DecodeState keeps the cache for same-shaped calls. The layers are registered
-    side by side (_pinned_host_cache); if pinning fails, a warning says so and the cache is
-    pageable, as on a CPU device and for int8 (whose writes quantize on the CPU anyway): zeroed
-    here on all of torch's threads, so the pages are faulted in now, not by the prefill's cache
-    writes, and the prompt's keys reach it through the writer thread."""
+    paced the prefill on slow machines). Pinning is paid at a shape's first call only
+    (DecodeState keeps the cache for same-shaped calls): OPT-30B's first batch-96 call, which
+    pins 72 GB, ran 1.4 s longer than the next (the H100 machine, docs/benchmarks.md). The
+    layers are registered side by side (_pinned_host_cache); if pinning fails, a warning says
+    so and the cache is pageable, as on a CPU device and for int8 (whose writes quantize on the
+    CPU anyway): zeroed here on all of torch's threads, so the pages are faulted in now, not by
+    the prefill's cache writes, and the prompt's keys reach it through the writer thread."""
     kv_dtype = check_kv_dtype(kv_dtype)
     shape = (batch, cfg.num_kv_heads, tokens, cfg.head_dim)
     pinned = None  # layer -> its pinned k, v
