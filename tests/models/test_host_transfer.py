@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import zeroinf.engine.kvcache as kvcache
+import zeroinf.io.memory as memory
 from zeroinf.engine.kvcache import new_kv_cache
 from zeroinf.models.base import LayerKV
 from zeroinf.models.config import ModelConfig
@@ -108,7 +109,7 @@ def _fake_pinning(monkeypatch: pytest.MonkeyPatch, fails: bool) -> list[bool]:
     new_kv_cache writes nothing over it: registration leaves it zero-filled), or raises as a
     failed cudaHostRegister does. Returns the pin arguments it was called with."""
     calls: list[bool] = []
-    real = kvcache.aligned_empty
+    real = memory.aligned_empty
 
     def fake(nbytes: int, pin: bool = False) -> torch.Tensor:
         calls.append(pin)
@@ -117,6 +118,7 @@ def _fake_pinning(monkeypatch: pytest.MonkeyPatch, fails: bool) -> list[bool]:
         return real(nbytes).fill_(1) if pin else real(nbytes)
 
     monkeypatch.setattr(kvcache, "aligned_empty", fake)
+    monkeypatch.setattr(memory, "aligned_empty", fake)  # PinnedArena's
     return calls
 
 

@@ -10,19 +10,17 @@ planner's.
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import logging
 import math
-import time
 from collections.abc import Collection
 
 import torch
 
 from zeroinf.errors import ConfigError
-from zeroinf.io import aligned_empty
+from zeroinf.io import PinnedArena, aligned_empty
 from zeroinf.models.base import LayerKV
 from zeroinf.models.config import ModelConfig
-from zeroinf.sizes import fmt_bytes
+from zeroinf.sizes import align_up, fmt_bytes
 
 log = logging.getLogger("zeroinf")
 
@@ -127,23 +125,19 @@ def _pinned_host_cache(
     shape: tuple[int, ...], dtype: torch.dtype, layers: list[int]
 ) -> dict[int, tuple[torch.Tensor, torch.Tensor]] | None:
     """Layer -> its k, v [shape], page-locked; None (with a warning) where pinning fails.
-    cudaHostRegister runs ~20 GB/s on one thread, so PIN_THREADS register tensors side by side
-    (and a CUDA error stays in the worker thread that met it, not in torch's). Not zeroed:
+    cudaHostRegister runs ~20 GB/s on one thread, so a PinnedArena registers the tensors side by
+    side, PIN_THREADS at a time, one chunk each (the arena logs the time it took). Not zeroed:
     fresh anonymous pages are zero, and registration faults every one in."""
     nbytes = math.prod(shape) * dtype.itemsize
-
-    def one(_: int) -> torch.Tensor:
-        return aligned_empty(nbytes, pin=True).view(dtype).view(shape)
-
-    t0 = time.perf_counter()
+    count = 2 * len(layers)
     try:
-        with cf.ThreadPoolExecutor(PIN_THREADS, thread_name_prefix="zeroinf-kv-pin") as pool:
-            tensors = list(pool.map(one, range(2 * len(layers))))
-    except RuntimeError as e:  # the tensors pinned so far unpin as they are freed
+        arena = PinnedArena([nbytes] * count, pin=True, chunk_bytes=align_up(nbytes),
+                            threads=PIN_THREADS)  # fmt: skip
+    except RuntimeError as e:  # the chunks pinned so far unpin as they are freed
         log.warning("zeroinf: pinning the host KV cache (%s) failed (%s): it stays pageable, "
                     "and the prompt's keys reach it through the writer thread",
-                    fmt_bytes(2 * len(layers) * nbytes), e)  # fmt: skip
+                    fmt_bytes(count * nbytes), e)  # fmt: skip
         return None
-    log.info("zeroinf: pinned the host KV cache (%s) in %.2f s",
-             fmt_bytes(2 * len(layers) * nbytes), time.perf_counter() - t0)  # fmt: skip
+    # the slots keep their chunks' memory once the arena is gone
+    tensors = [arena.alloc(nbytes).view(dtype).view(shape) for _ in range(count)]
     return {i: (tensors[2 * n], tensors[2 * n + 1]) for n, i in enumerate(layers)}

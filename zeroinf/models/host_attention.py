@@ -93,7 +93,7 @@ def attend_host(
         # keys go to the host, without a host sync, while the device goes on: by the copy
         # engine into a pinned cache, else through the writer thread (both waited for before
         # the cache is read).
-        if k.is_cuda and kv.pinned and not kv.quantized:
+        if kv.pinned:  # new_kv_cache pins only a 16-bit or float32 cache for a CUDA device
             cache_dma.submit(kv, k, v, start)
         else:
             writer.submit(kv, k, v, start)
@@ -102,9 +102,9 @@ def attend_host(
     # This layer's cache complete before it is read: the writer's writes (the host waits), the
     # copy engine's (this stream waits: what it runs from here on may read the cache).
     writer.flush()
-    if q.is_cuda:
-        cache_dma.order(q.device)
     cuda = q.is_cuda
+    if cuda:
+        cache_dma.order(q.device)
     stream = torch.cuda.current_stream(q.device) if cuda else None
     with record_function("host_attn.to_host"):  # spans for the profiler (tools/profile_bench)
         hq, hk, hv, hmask = to_host(q, k, v, mask[..., :end], sync=False)

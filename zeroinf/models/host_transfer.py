@@ -39,6 +39,15 @@ def to_host(*xs: torch.Tensor, sync: bool = True) -> list[torch.Tensor]:
     return outs
 
 
+def side_stream(
+    streams: dict[torch.device, torch.cuda.Stream], device: torch.device
+) -> torch.cuda.Stream:
+    """streams[device], made at the first call for that device (a D2H stream of its own)."""
+    if device not in streams:
+        streams[device] = torch.cuda.Stream(device)
+    return streams[device]
+
+
 class HostWriter:
     """Writes a prompt's keys and values into host caches off the calling thread: submit()
     starts their copies to pinned staging on a side stream (a CUDA event marks them done),
@@ -65,7 +74,7 @@ class HostWriter:
         if k.is_cuda:  # copied on a side stream, beside the device's next computation
             computed = torch.cuda.Event()
             computed.record()
-            side = self.streams.setdefault(k.device, torch.cuda.Stream(k.device))
+            side = side_stream(self.streams, k.device)
             with torch.cuda.stream(side):
                 side.wait_event(computed)
                 hk, hv = to_host(k, v, sync=False)
@@ -233,9 +242,7 @@ class CacheDMA:
     def submit(self, kv: LayerKV, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
         """k, v [B, Hkv, S, D] (CUDA) into the pinned host cache `kv` at indices
         start .. start+S-1, stream-ordered after their computation."""
-        side = self.streams.get(k.device)
-        if side is None:
-            side = self.streams[k.device] = torch.cuda.Stream(k.device)
+        side = side_stream(self.streams, k.device)
         side.wait_stream(torch.cuda.current_stream(k.device))  # k, v computed
         try:
             self.copied_bytes += copy_to_cache_async(kv, k, v, start, side)
