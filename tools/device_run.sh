@@ -2,10 +2,12 @@
 # One call on the GPU machine: build the native reader, check, and measure, stage by stage.
 #   bash tools/device_run.sh [STAGE ...]      (default: build models kernels io b32 b96 nvme)
 # Stages: build models kernels io gputest b32 b32t b96 b96m nvme ttft q30 q30e q30kv p30 p30kv
-#   p30c p30p3 p30cp p30old copyc hattn hattns hattnab hattnfp hread profh profhp profht prof refill mgpu (see docs/benchmarks.md).
+#   p30c p30p3 p30cp p30old copyc hattn hattns hattnab hattnfp hread profh profhp profht prof refill
+#   mgputest mgpu (see docs/benchmarks.md).
 # Every stage's output goes to $OUT/all.log; JSON results to $OUT/*.json; a table comes last.
 set -u
-export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
+# NVLink multicast stays off (the device library's KINDS.md): NCCL, PyTorch and NVSHMEM
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-/tmp/zeroinf-out}
 mkdir -p "$OUT"
 LOG=$OUT/all.log
@@ -107,7 +109,10 @@ print(write_shape('llama-2-7b', torch.float16, '$NVME'))"
     prof) run prof 300 env PYTHONPATH=. python tools/profile_bench.py --top 40 -- --model opt-30b --quantize int4 \
       --quantize-head --kv-dtype int8 --offload cpu --gpu-memory 12GiB --prefill-tokens 2048 \
       --batch-size 32 --prompt-len 512 --gen-len 2 ;;
-    mgpu) for n in $(seq 1 "$(nvidia-smi -L | wc -l)"); do  # issue 11: needs a multi-GPU kind
+    # issue 11 (a multi-GPU kind): 2 GPU ranks over NCCL with unequal prompts against one process
+    mgputest) run mgputest 300 python -m pytest -q -m gpu tests/distributed ;;
+    # issue 11: per-GPU throughput for N ranks, N = MGPU_RANKS (default: 1 up to every GPU)
+    mgpu) for n in ${MGPU_RANKS:-$(seq 1 "$(nvidia-smi -L | wc -l)")}; do
         run "mgpu$n" 500 torchrun --nproc-per-node "$n" -m zeroinf.cli.bench --trace \
           --json "$OUT/mgpu$n.json" --model opt-30b --offload cpu --gpu-memory 12GiB \
           --batch-size 32 --prompt-len 512 --gen-len 32

@@ -20,13 +20,14 @@ def main() -> None:
     rank = int(os.environ["RANK"])
     mine = spec["calls"][str(rank)]  # list of calls: [{"seed": s, "n": rows, "new": tokens}]
     results = []
-    with zeroinf.load(ckpt, device="cpu", gpu_memory=spec["budget"], prefetch=2,
+    device = spec.get("device", "cpu")  # "cuda": each rank takes its local GPU
+    with zeroinf.load(ckpt, device=device, gpu_memory=spec["budget"], prefetch=2,
                       offload=spec["offload"]) as model:  # fmt: skip
         for call in mine:
             g = torch.Generator().manual_seed(call["seed"])
             ids = torch.randint(4, model.config.vocab_size, (call["n"], 5), generator=g)
             out = model.generate(ids, max_new_tokens=call["new"])
-            results.append((ids, out))
+            results.append((ids, out.cpu()))
         arena = model.prefetcher.arena  # the CPU tier and the embed unit kept on the host
         host = arena.nbytes if arena else 0
         streamed = model.plan.streamed_bytes

@@ -36,9 +36,9 @@ def free_port() -> int:
 
 
 def run_ranks(ckpt: Path, tmp: Path, nproc: int, calls: dict[int, list[dict]], offload: str,
-              group_size: int | None = None) -> list[dict]:  # fmt: skip
+              group_size: int | None = None, device: str = "cpu") -> list[dict]:  # fmt: skip
     sizes = [u.nbytes for u in Checkpoint(ckpt).units]
-    spec = {"budget": 2 * max(sizes), "offload": offload,
+    spec = {"budget": 2 * max(sizes), "offload": offload, "device": device,
             "calls": {str(r): calls.get(r, []) for r in range(nproc)}}  # fmt: skip
     (tmp / "spec.json").write_text(json.dumps(spec))
     root = str(HERE.parent.parent)  # the checkout, also when zeroinf is not installed
@@ -54,12 +54,12 @@ def run_ranks(ckpt: Path, tmp: Path, nproc: int, calls: dict[int, list[dict]], o
     return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(nproc)]
 
 
-def single_process(ckpt: Path, results: list) -> None:
+def single_process(ckpt: Path, results: list, device: str = "cpu") -> None:
     """Oracle: one process, everything resident, same prompts."""
-    with zeroinf.load(ckpt, device="cpu", gpu_memory=None) as model:
+    with zeroinf.load(ckpt, device=device, gpu_memory=None) as model:
         for ids, out in results:
             ref = model.generate(ids, max_new_tokens=out.shape[1] - ids.shape[1])
-            torch.testing.assert_close(out, ref, rtol=0, atol=0)
+            torch.testing.assert_close(out.cpu(), ref.cpu(), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("nproc,offload", [(2, "cpu"), (3, "nvme")])
@@ -94,3 +94,16 @@ def test_two_groups_are_independent_replicas(ckpt: Path, tmp_path: Path) -> None
     for o in outs:
         assert o["world"] == 2
         single_process(ckpt, o["results"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+def test_gpu_ranks_nccl_unequal_work(ckpt: Path, tmp_path: Path) -> None:
+    """2 GPU ranks over NCCL, one with three calls and one with a single shorter one: no hang,
+    and each rank's ids equal one GPU process's with everything resident."""
+    calls = {0: [{"seed": 1, "n": 3, "new": 6}, {"seed": 2, "n": 1, "new": 9},
+                 {"seed": 4, "n": 2, "new": 5}], 1: [{"seed": 3, "n": 2, "new": 3}]}  # fmt: skip
+    outs = run_ranks(ckpt, tmp_path, 2, calls, "cpu", device="cuda")
+    for r, o in enumerate(outs):
+        assert o["world"] == 2 and len(o["results"]) == len(calls[r])
+        single_process(ckpt, o["results"], device="cuda")

@@ -403,6 +403,12 @@ def print_table(r: dict[str, Any]) -> None:
             f"link busy {cp['busy_fraction']:.3f} of the time; decode idle "
             f"{cp['decode_idle_s']:.3f} s, most before {cp['decode_idle_before']}"
         )
+        if "gather_s_per_unit" in cp:  # ranks: the share over this rank's link, then NCCL
+            print(
+                f"  rank {r['rank']}: H2D {cp['h2d_bytes_per_s'] / GB:.1f} GB/s of its share; "
+                f"all-gather {cp['gather_s_per_unit'] * 1e3:.2f} ms per unit "
+                f"(max {cp['gather_s_max'] * 1e3:.2f})"
+            )
         print(f"  host time per decode pass {r['host_pass_s'] * 1e3:.1f} ms")
     h = r.get("host_attention")
     if h and h["kernel_calls"]:

@@ -121,7 +121,9 @@ class Prefetcher:
             raise
         self._next = 0  # the main thread's position g in the cyclic streamed order
         self._issued = 0  # units the worker has filled, over all passes
-        self.copy_events: list[tuple[int, Any, Any]] | None = None  # set to [] to time copies
+        # set to [] to time copies: (unit, start, share copied, end); with ranks the all-gather
+        # runs between the last two events, without ranks they are one event
+        self.copy_events: list[tuple[int, Any, Any, Any]] | None = None
         # From pinned memory to a GPU every copy is asynchronous: the main thread issues it in
         # release() and no thread hands work over (a Python thread waking for each copy waits
         # for the GIL, and the link idles meanwhile). NVMe reads block, and a CPU-only run has
@@ -310,10 +312,11 @@ class Prefetcher:
             self.copy_stream.wait_event(slot.free_ev)
             timing = self._copy_timing()
             with torch.cuda.stream(self.copy_stream):
-                self._fill(j, slot.buf, src, shard, non_blocking=True)
+                self._fill(j, slot.buf, src, shard, non_blocking=True,
+                           copied=timing[1] if timing else None)  # fmt: skip
             slot.ready_ev.record(self.copy_stream)
             if timing is not None:
-                timing[1].record(self.copy_stream)
+                timing[2].record(self.copy_stream)
                 self.copy_events.append((j, *timing))
             if self.plan.placements[j].tier == "nvme":
                 self._staging[g % len(self._staging)][1].record(self.copy_stream)
@@ -323,38 +326,49 @@ class Prefetcher:
         self._issued += 1
         slot.filled.set()
 
-    def _copy_timing(self) -> tuple[torch.cuda.Event, torch.cuda.Event] | None:
-        """Start/end events around one copy, when copy timing is on (zeroinf-bench --trace)."""
+    def _copy_timing(self) -> tuple[torch.cuda.Event, ...] | None:
+        """Start, share-copied and end events of one unit's fill, when copy timing is on
+        (zeroinf-bench --trace); the start is recorded now."""
         if self.copy_events is None:
             return None
         start = torch.cuda.Event(enable_timing=True)
         start.record(self.copy_stream)
-        return start, torch.cuda.Event(enable_timing=True)
+        return start, torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
 
     def copy_profile(self) -> dict[str, float]:
         """From the timed copies: bytes/s while copying, and the share of the span spent copying
-        (1.0: the link never idled between the first copy's start and the last copy's end)."""
+        (1.0: the link never idled between the first copy's start and the last copy's end).
+        With ranks a fill is this rank's share over its link, then the all-gather: its H2D
+        rate counts the share's bytes over the copy alone, and the all-gather's time per unit
+        is given apart."""
         ev = self.copy_events or []
         if not ev:
             return {}
         torch.cuda.synchronize(self.device)
-        busy = sum(a.elapsed_time(b) for _, a, b in ev) / 1e3
-        span = ev[0][1].elapsed_time(ev[-1][2]) / 1e3
-        nbytes = sum(self.units[j].nbytes // self.world for j, _, _ in ev)
+        busy = sum(a.elapsed_time(c) for _, a, _, c in ev) / 1e3
+        span = ev[0][1].elapsed_time(ev[-1][3]) / 1e3
+        nbytes = sum(self._share_bytes(j) if self.group else self.units[j].nbytes for j, *_ in ev)
         # idle link time before each copy after the first pass (decode), summed per unit
         n = len(self.streamed)
         idle: dict[int, float] = {}
         for k in range(n + 1, len(ev)):
             j = ev[k][0]
-            idle[j] = idle.get(j, 0.0) + ev[k - 1][2].elapsed_time(ev[k][1]) / 1e3
+            idle[j] = idle.get(j, 0.0) + ev[k - 1][3].elapsed_time(ev[k][1]) / 1e3
         worst = sorted(idle.items(), key=lambda kv: -kv[1])[:4]
-        return {
+        out: dict[str, Any] = {
             "copies": len(ev),
             "copy_bytes_per_s": nbytes / busy,
             "busy_fraction": busy / span,
             "decode_idle_s": sum(idle.values()),
             "decode_idle_before": {self.units[j].name: round(t, 4) for j, t in worst},
         }
+        if self.group:
+            h2d = sum(a.elapsed_time(b) for _, a, b, _ in ev) / 1e3
+            gather = [b.elapsed_time(c) / 1e3 for _, _, b, c in ev]
+            out["h2d_bytes_per_s"] = nbytes / h2d
+            out["gather_s_per_unit"] = sum(gather) / len(gather)
+            out["gather_s_max"] = max(gather)
+        return out
 
     def _fill(
         self,
@@ -363,14 +377,20 @@ class Prefetcher:
         src: torch.Tensor,
         shard: torch.Tensor | None,
         non_blocking: bool,
+        copied: torch.cuda.Event | None = None,
     ) -> None:
-        """Host bytes of unit j -> device slot: one copy, or the rank's share then all-gather."""
+        """Host bytes of unit j -> device slot: one copy, or the rank's share then all-gather.
+        `copied` (timing only) is recorded on the current stream once the host bytes are in."""
         if shard is None:
             n = self.units[j].nbytes
             dst[:n].copy_(src[:n], non_blocking=non_blocking)
+            if copied is not None:
+                copied.record()
             return
         share = self._share_bytes(j)
         shard[:share].copy_(src[:share], non_blocking=non_blocking)
+        if copied is not None:
+            copied.record()
         dist.all_gather_into_tensor(
             dst[: share * self.world], shard[:share], group=self.group.gather
         )
