@@ -34,10 +34,14 @@ def check(cond: bool, msg: str) -> None:
 
 
 def check_device(kernel: object, *tensors: torch.Tensor | None) -> None:
-    """All tensors on one device, and that device can run `kernel` (CUDA, or the interpreter)."""
+    """All tensors on one device, and that device can run `kernel` (CUDA, or the interpreter).
+    Pinned host tensors may join CUDA ones: pinned memory is mapped into the GPU's address
+    space, so a kernel reads it over PCIe (kernels.pinned_copy; tools/bench_gpu_reads_host_kv)."""
     dev = tensors[0].device
     for t in tensors:
-        if t is not None and t.device != dev:
+        if t is None or t.device == dev:
+            continue
+        if not (dev.type == "cuda" and t.device.type == "cpu" and t.is_pinned()):
             raise AssertionError(f"tensors on several devices: {dev} and {t.device}")
     if dev.type != "cuda" and type(kernel).__name__ != "InterpretedFunction":
         raise AssertionError(

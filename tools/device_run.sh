@@ -3,7 +3,7 @@
 #   bash tools/device_run.sh [STAGE ...]      (default: build models kernels io b32 b96 nvme)
 # Stages: build models kernels io gputest b32 b32t b96 b96m nvme ttft q30 q30e q30kv p30 p30kv
 #   p30c p30p3 p30cp p30old copyc hattn hattns hattnab hattnfp hread profh profhp profht prof refill
-#   mgputest mgpu (see docs/benchmarks.md).
+#   pgemm gpuhkv mgputest mgpu (see docs/benchmarks.md).
 # Every stage's output goes to $OUT/all.log; JSON results to $OUT/*.json; a table comes last.
 set -u
 # NVLink multicast stays off (the device library's KINDS.md): NCCL, PyTorch and NVSHMEM
@@ -79,6 +79,8 @@ print(write_shape('llama-2-7b', torch.float16, '$NVME'))"
     profht) run profht 400 env PYTHONPATH=. python tools/profile_bench.py --top 10 \
       --trace "$OUT/profht.json" -- "${P30[@]}" --kv-tier cpu --gen-len 4 \
       && gzip -f "$OUT/profht.json" ;;  # host KV tier: a GPU timeline of 3 decode steps
+    gpuhkv) run gpuhkv 300 python tools/bench_gpu_reads_host_kv.py --json "$OUT/gpuhkv.json" ;;
+    pgemm) run pgemm 200 python tools/bench_prefill_gemm.py --json "$OUT/pgemm.json" ;;  # issue 7
     hattn) run hattn 300 python tools/bench_host_attention.py --json "$OUT/hattn.json" ;;  # issue 7
     hattns) run hattns 200 python tools/bench_host_attention.py --sweep --json "$OUT/hattns.json" ;;
     # the kernel against the one at build/baseline/host_attn.c (copy it there and carry build/baseline)
