@@ -3,7 +3,7 @@
 #   bash tools/device_run.sh [STAGE ...]      (default: build models kernels io b32 b96 nvme)
 # Stages: build models kernels io gputest b32 b32t b96 b96m nvme ttft q30 q30e q30kv p30 p30kv
 #   p30c p30p3 p30cp p30old copyc hattn hattns hattnab hattnfp hread profh profhp profht prof refill
-#   p30g p30gr pgemm gpuhkv mgputest mgpu (see docs/benchmarks.md).
+#   pgemm gpuhkv mgputest mgpu (see docs/benchmarks.md).
 # Every stage's output goes to $OUT/all.log; JSON results to $OUT/*.json; a table comes last.
 set -u
 # NVLink multicast stays off (the device library's KINDS.md): NCCL, PyTorch and NVSHMEM
@@ -101,15 +101,6 @@ print(write_shape('llama-2-7b', torch.float16, '$NVME'))"
     hattnq) run hattnq 200 python tools/bench_host_attention.py --quick --json "$OUT/hattnq.json" ;;
     refill) run refill 570 python tools/bench_refill.py --json "$OUT/refill.json" ;;  # issue 9, ~6.5 min
     p30) bench p30 500 "${P30[@]}" ;;
-    # the host tier with the last G rows of each decode step on the GPU (reading the pinned cache
-    # over PCIe), for G in P30_GPU_ROWS (default "0 12"); KV tier "cpu" so the plans compare
-    p30g) for g in ${P30_GPU_ROWS:-0 12}; do
-        run "p30g$g" 500 env ZEROINF_HOST_GPU_ROWS="$g" python -m zeroinf.cli.bench \
-          --json "$OUT/p30g$g.json" "${P30[@]}" --kv-tier cpu
-      done ;;
-    # the same in one process and cache, G in turn (tools/bench_gpu_rows.py)
-    p30gr) run p30gr 560 python tools/bench_gpu_rows.py --rows "${P30_GPU_ROWS_SWEEP:-0,4,8,12,0}" \
-      -- "${P30[@]}" --kv-tier cpu ;;
     p30p3) bench p30p3 500 --trace "${P30[@]}" --prefetch 3 ;;  # the planner may take a third slot
     p30kv) bench p30kv 500 "${P30[@]}" --kv-dtype int8 ;;
     p30c) bench p30c 500 "${P30[@]}" --kv-tier cpu ;;  # issue 7: KV cache in host memory

@@ -496,23 +496,6 @@ def test_host_tier_on_cuda_equals_device_tier(
     refill prefills at later cache indices; float32 tokens equal the device tier's (with its
     graphs), the attention output brought back by the copy engine or the GPU's cores."""
     monkeypatch.setenv("ZEROINF_HOST_OUT", host_out)
-    _host_tier_equals_device_tier(tmp_path, kv_dtype)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("gpu_rows", ["1", "3", "64"])  # 64: every row of each step
-def test_host_tier_gpu_rows_equal_device_tier(
-    tmp_path: Path, gpu_rows: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """ZEROINF_HOST_GPU_ROWS: the last rows of each decode step attend on the GPU, which reads
-    the pinned host cache over PCIe, the others on the CPU: float32 tokens still equal the
-    device tier's, refill passes included."""
-    monkeypatch.setenv("ZEROINF_HOST_GPU_ROWS", gpu_rows)
-    _host_tier_equals_device_tier(tmp_path, None)
-
-
-def _host_tier_equals_device_tier(tmp_path: Path, kv_dtype: str | None) -> None:
     save_tiny_hf(tmp_path / "hf", "llama", seed=5)
     path = convert(tmp_path / "hf", tmp_path / "zi", progress=False)
     ids, mask = tiny_prompts(64)

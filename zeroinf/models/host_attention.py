@@ -105,9 +105,6 @@ def attend_host(
     cuda = q.is_cuda
     if cuda:
         cache_dma.order(q.device)
-    gpu_rows = _gpu_rows(B) if cuda and kv.pinned and S == 1 and not fresh_keys else 0
-    if gpu_rows:
-        return _attend_split(q, k, v, kv, start, mask, scale, gpu_rows)
     stream = torch.cuda.current_stream(q.device) if cuda else None
     with record_function("host_attn.to_host"):  # spans for the profiler (tools/profile_bench)
         hq, hk, hv, hmask = to_host(q, k, v, mask[..., :end], sync=False)
@@ -128,62 +125,6 @@ def attend_host(
     if queued:
         in_flight.add(hq, hk, hv, hmask, out)
     return result
-
-
-def _gpu_rows(batch: int) -> int:
-    """Rows of a decode step whose attention the GPU takes (an experiment, off by default):
-    ZEROINF_HOST_GPU_ROWS, at most the batch."""
-    value = os.environ.get("ZEROINF_HOST_GPU_ROWS", "0")
-    try:
-        return min(max(int(value), 0), batch)
-    except ValueError:
-        raise ConfigError(f"ZEROINF_HOST_GPU_ROWS={value!r}: a number of rows") from None
-
-
-def _attend_split(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    kv: LayerKV,
-    start: int,
-    mask: torch.Tensor,
-    scale: float,
-    g: int,
-) -> torch.Tensor:
-    """A decode step over a pinned 16-bit cache with its last g rows' attention on the GPU:
-    their k, v go into the host cache by the copy engine, then the Triton decode kernel reads
-    their cache over PCIe (pinned memory is mapped into the GPU's address space), on
-    cache_dma's side stream, while the native kernel attends rows [0, B - g) on the CPU, queued
-    in the compute stream as in attend_host. tools/bench_gpu_reads_host_kv.py measures why: the
-    GPU reads the cache at the link's rate, and the link has slack where the CPU is slow."""
-    from kernels import decode_attention
-
-    B, H, S, D = q.shape
-    end, r, dev = start + S, B - g, q.device
-    stream = torch.cuda.current_stream(dev)
-    cache_dma.submit(kv.rows(r, B), k[r:], v[r:], start)  # side stream, after k, v computed
-    side = cache_dma.streams[dev]
-    key_mask = mask[r:, 0, 0, :end]  # [g, end]
-    for t in (q, key_mask):  # read on the side stream: not reused before it has
-        t.record_stream(side)
-    with torch.cuda.stream(side):
-        o = decode_attention(
-            q[r:], kv.k[r:], kv.v[r:], end, key_mask=mask[r:, 0, 0, :end], scale=scale
-        )  # [g, H, 1, D] fmt: skip
-        gpu_done = torch.cuda.Event()
-        gpu_done.record(side)
-    if r:
-        hq, hk, hv, hmask = to_host(q[:r], k[:r], v[:r], mask[:r, ..., :end], sync=False)
-        out = torch.empty(r, S, H * D, dtype=q.dtype, pin_memory=True)
-        if not native_decode(hq, kv.rows(0, r), end, hmask, scale, out, None, new=(hk, hv),
-                             stream=stream):  # fmt: skip
-            raise ConfigError("host attention: the GPU rows need the native kernel")
-        cpu_rows = _to_device(out, dev)
-        in_flight.add(hq, hk, hv, hmask, out)
-    stream.wait_event(gpu_done)
-    o.record_stream(stream)  # made on the side stream, read on this one
-    gpu_out = o.view(g, S, H * D)
-    return torch.cat([cpu_rows, gpu_out]) if r else gpu_out
 
 
 HOST_OUT_MODES = ("copy", "sm")
