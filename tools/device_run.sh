@@ -3,7 +3,7 @@
 #   bash tools/device_run.sh [STAGE ...]      (default: build models kernels io b32 b96 nvme)
 # Stages: build models kernels io gputest b32 b32t b96 b96m nvme ttft q30 q30e q30kv p30 p30kv
 #   p30c p30p3 p30cp p30old copyc hattn hattns hattnab hattnfp hread profh profhp profht prof refill
-#   pgemm gpuhkv mgputest mgpu (see docs/benchmarks.md).
+#   p30r pgemm gpuhkv mgputest mgpu (see docs/benchmarks.md).
 # Every stage's output goes to $OUT/all.log; JSON results to $OUT/*.json; a table comes last.
 set -u
 # NVLink multicast stays off (the device library's KINDS.md): NCCL, PyTorch and NVSHMEM
@@ -101,6 +101,7 @@ print(write_shape('llama-2-7b', torch.float16, '$NVME'))"
     hattnq) run hattnq 200 python tools/bench_host_attention.py --quick --json "$OUT/hattnq.json" ;;
     refill) run refill 570 python tools/bench_refill.py --json "$OUT/refill.json" ;;  # issue 9, ~6.5 min
     p30) bench p30 500 "${P30[@]}" ;;
+    p30r) bench p30r 560 "${P30[@]}" --repeat 4 ;;  # p30, then 3 more calls on the same cache
     p30p3) bench p30p3 500 --trace "${P30[@]}" --prefetch 3 ;;  # the planner may take a third slot
     p30kv) bench p30kv 500 "${P30[@]}" --kv-dtype int8 ;;
     p30c) bench p30c 500 "${P30[@]}" --kv-tier cpu ;;  # issue 7: KV cache in host memory

@@ -227,6 +227,8 @@ def test_errors(tmp_path: Path) -> None:
         choose_plan(_size(), FAST_CPU, Workload(8, 4), Budgets(1 << 30), "cuda:0", kv_tiers=("x",))
     with pytest.raises(SystemExit):
         bench.parse_args(["--kv-tier", "disk"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--repeat", "0"])
     with pytest.raises(ConfigError, match="kv_tier='split' needs batch_size='auto'"):
         zeroinf.load(path, device="cpu", kv_tier="split")
     with pytest.raises(PlanError, match="the 'split' tier, and only it, names the layers"):
@@ -467,12 +469,19 @@ def test_host_out_mode_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_bench_kv_tier(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "run.json"
     argv = ["--model", "tiny-llama", "--device", "cpu", "--prompt-len", "8", "--gen-len", "3",
-            "--gpu-memory", "8MiB", "--batch-size", "2", "--kv-tier", "cpu",
+            "--gpu-memory", "8MiB", "--batch-size", "2", "--kv-tier", "cpu", "--repeat", "3",
             "--json", out]  # fmt: skip
     assert bench.main([str(a) for a in argv]) == 0
     r = json.loads(out.read_text())
     assert r["kv_tier"] == "cpu" and r["total_tok_per_s"] > 0 and "prediction_error" in r
-    assert "on cpu" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "on cpu" in printed and "later calls on the same cache" in printed
+    # --repeat 3: two more calls, each beside the same roofline; the timed call's figures below
+    # are its own (its host stats taken before them)
+    assert len(r["later_calls"]) == 2
+    for c in r["later_calls"]:
+        assert c["ratio_to_roofline"] == pytest.approx(c["tok_per_s"] / r["roofline_tok_per_s"])
+        assert c["decode_step_s"] > 0 and (ha.native is None or c["kernel_s"] > 0)
     # The timed call's host work: the prompt's keys and values through the writer thread (the
     # cache's first 8 of 11 positions), and one kernel call per layer and decode step.
     h = r["host_attention"]

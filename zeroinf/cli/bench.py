@@ -64,9 +64,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="where the KV cache lives: gpu, cpu (host memory, attention on the "
                    "CPU), or split (the planner's layers on each, with --batch-size auto); "
                    "default: the planner's with --batch-size auto, else gpu")  # fmt: skip
+    p.add_argument("--repeat", type=int, default=1,
+                   help="timed calls of each batch, one after another on the same cache: the "
+                   "first is the reported figure, the later ones are listed beside it")  # fmt: skip
     p.add_argument("--plot", help="draw tok/s and the roofline against batch size into this PNG")
     a = p.parse_args(argv)
     a.auto = a.batch_size == "auto"
+    if a.repeat < 1:
+        p.error(f"--repeat {a.repeat}: at least 1")
     try:
         a.batch_sizes = [] if a.auto else [int(b) for b in str(a.batch_size).split(",")]
     except ValueError:
@@ -278,6 +283,14 @@ def measure(
         host_cache = [x for kv in model._decode.kv if kv.host for x in (kv.k, kv.v)]
         host_stats["huge_page_share"] = huge_page_share(host_cache)
     profile = model.prefetcher.copy_profile() if a.trace and device.type == "cuda" else {}
+    later = []  # --repeat: the same call again on the same cache (the host tier's read rate
+    for _ in range(a.repeat - 1):  # has risen minutes into a process: docs/benchmarks.md)
+        model.generate(ids, max_new_tokens=a.gen_len)
+        again = take_stats() if host_tier else {}
+        later.append({"tok_per_s": model.last_stats.tokens_per_s,
+                      "decode_step_s": model.last_stats.decode_step_s,
+                      "prefill_s": model.last_stats.prefill_s,
+                      "kernel_s": again.get("kernel_s")})  # fmt: skip
     plan = model.plan
     if device.type == "cuda":  # H2D is noisy on a shared host: measure again, count the faster
         from zeroinf.engine.probe import measure_h2d
@@ -364,6 +377,7 @@ def measure(
         "kv_device_layers": list(plan.kv_device_layers),
         "cuda_graphs_captured_replayed": model.executor.graph_counts,
         "kv_bytes": model.kv_bytes(batch, a.prompt_len + a.gen_len),
+        "later_calls": [{**c, "ratio_to_roofline": c["tok_per_s"] / roof_tps} for c in later],
     }  # fmt: skip
     if host_stats is not None:  # where a host tier's step goes: the kernel's share, its rate
         read = sum(cost.kv_bytes(batch, a.prompt_len + i + 1) for i in range(steps))
@@ -468,6 +482,10 @@ def print_table(r: dict[str, Any]) -> None:
              if r["decode_step_vs_transfer"] else "")
           + (f"; max GPU mem {r['max_memory_allocated'] / GB:.2f} GB"
              if "max_memory_allocated" in r else ""))  # fmt: skip
+    if r.get("later_calls"):
+        calls = ", ".join(f"{c['tok_per_s']:.2f} ({c['ratio_to_roofline']:.3f}; step "
+                          f"{c['decode_step_s']:.4f} s)" for c in r["later_calls"])  # fmt: skip
+        print(f"  later calls on the same cache: tok/s {calls}")
     if "host_memory_over_cache_bytes_per_s" in m:
         probe, cache = m["host_memory_bytes_per_s"], m["host_memory_over_cache_bytes_per_s"]
         alone = m["host_read_over_cache_bytes_per_s"]
