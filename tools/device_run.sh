@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: build the native reader, check, and measure, stage by stage.
 #   bash tools/device_run.sh [STAGE ...]      (default: build models kernels io b32 b96 nvme)
-# Stages: build models kernels io gputest b32 b32t b96 b96m nvme ttft q30 q30e q30kv p30 p30kv
-#   p30c p30p3 p30cp p30old copyc hattn hattns hattnab hattnfp hread profh profhp profht prof refill
-#   p30r pgemm gpuhkv mgputest mgpu (see docs/benchmarks.md).
+# Stages: build models kernels io gputest b32 b32w b32t b96 b96w b96m nvme ttft q30 q30e q30kv p30
+#   p30r p30kv p30c p30p3 p30cp p30old copyc hattn hattns hattnab hattnfp hattnq hread profh profhp
+#   profht profp prof pgemm gpuhkv refill mgputest mgpu (see docs/benchmarks.md).
 # Every stage's output goes to $OUT/all.log; JSON results to $OUT/*.json; a table comes last.
 set -u
 # NVLink multicast stays off (the device library's KINDS.md): NCCL, PyTorch and NVSHMEM
