@@ -27,6 +27,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_host_attention import decode_shape_args  # noqa: E402
+
 from kernels.attention import decode_attention  # noqa: E402
 from zeroinf.engine.kvcache import new_kv_cache  # noqa: E402
 from zeroinf.engine.probe import concurrent_with_h2d, seconds  # noqa: E402
@@ -38,11 +40,7 @@ GB = 1e9
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batch", type=int, default=96)
-    ap.add_argument("--heads", type=int, default=56)
-    ap.add_argument("--ctx", type=int, default=544)
-    ap.add_argument("--head-dim", type=int, default=128)
-    ap.add_argument("--json")
+    decode_shape_args(ap)
     a = ap.parse_args()
     dev, dt = torch.device("cuda"), torch.float16
     B, H, T, D = a.batch, a.heads, a.ctx, a.head_dim
@@ -104,7 +102,7 @@ def main() -> None:
         print(f"{name:<34} {t * 1e3:9.2f} {gbs:11.1f} {h if h is not None else float('nan'):9.1f}")
     if a.json:
         keys = ("case", "s_per_layer", "cache_GBps", "h2d_GBps")
-        Path(a.json).write_text(json.dumps([dict(zip(keys, r, strict=True)) for r in rows]))
+        a.json.write_text(json.dumps([dict(zip(keys, r, strict=True)) for r in rows]))
 
 
 if __name__ == "__main__":

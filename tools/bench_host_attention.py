@@ -256,13 +256,19 @@ def full_path_s(b: int, h: int, t: int, d: int) -> dict[str, float]:
     }
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def decode_shape_args(ap: argparse.ArgumentParser) -> None:
+    """--batch, --heads, --ctx, --head-dim: one decode layer's shape (default OPT-30B's step at
+    batch 96, 544 positions), and --json."""
     ap.add_argument("--batch", type=int, default=96)
     ap.add_argument("--heads", type=int, default=56)
     ap.add_argument("--ctx", type=int, default=544)
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--json", type=Path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    decode_shape_args(ap)
     ap.add_argument("--quick", action="store_true", help="the tier's own fp16 path only")
     ap.add_argument("--sweep", action="store_true", help="only the native kernel's variants")
     ap.add_argument("--baseline", type=Path, help="with --sweep: another build of the kernel (.so)")
