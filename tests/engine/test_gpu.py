@@ -45,7 +45,11 @@ def test_gpu_streaming_matches_transformers(tmp_path: Path, family: str, offload
         out = model.generate(ids, attention_mask=mask, max_new_tokens=12)
         captured, replayed = model.executor.graph_counts  # decode ran as CUDA graphs
         assert captured >= len(model.plan.placements) and replayed > captured
+        model.prefetcher.copy_events = []  # the second call's copies timed (zeroinf-bench --trace)
         again = model.generate(ids, attention_mask=mask, max_new_tokens=12)
+        prof = model.prefetcher.copy_profile()
+        assert prof["copies"] >= len(model.plan.streamed) and prof["copy_bytes_per_s"] > 0
+        assert 0 < prof["busy_fraction"] <= 1 and "gather_s_per_unit" not in prof  # one rank
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
     torch.testing.assert_close(again, ref, rtol=0, atol=0)
 
