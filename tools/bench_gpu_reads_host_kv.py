@@ -30,9 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_host_attention import decode_shape_args  # noqa: E402
 
 from kernels.attention import decode_attention  # noqa: E402
-from zeroinf.engine.kvcache import new_kv_cache  # noqa: E402
-from zeroinf.engine.probe import concurrent_with_h2d, seconds  # noqa: E402
-from zeroinf.models import ModelConfig  # noqa: E402
+from zeroinf.engine.probe import concurrent_with_h2d, random_host_cache, seconds  # noqa: E402
 from zeroinf.models.host_attention import native_decode  # noqa: E402
 
 GB = 1e9
@@ -44,13 +42,8 @@ def main() -> None:
     a = ap.parse_args()
     dev, dt = torch.device("cuda"), torch.float16
     B, H, T, D = a.batch, a.heads, a.ctx, a.head_dim
-    cfg = ModelConfig(model_type="llama", num_layers=1, hidden_size=H * D, num_heads=H,
-                      num_kv_heads=H, head_dim=D, intermediate_size=1, vocab_size=1,
-                      max_positions=T, tie_embeddings=False, norm_eps=1e-5, act="silu")  # fmt: skip
-    kv = new_kv_cache(cfg, B, T, dt, dev, host_layers=(0,))[0]  # pinned, as a run's cache
+    kv = random_host_cache(B, H, T, D, dt, device=dev)  # pinned, as a run's cache
     print(f"cache [{B}, {H}, {T}, {D}] fp16, pinned: {kv.pinned}, {2 * kv.k.nbytes / GB:.2f} GB")
-    for x in (kv.k, kv.v):
-        x.copy_(torch.randn(x.shape).to(dt))
     row_bytes = 2 * kv.k[0].nbytes  # one row's keys and values
     q_dev = torch.randn(B, H, 1, D, device=dev, dtype=dt)
     q_host = q_dev.cpu().pin_memory()

@@ -200,11 +200,13 @@ def measure_h2d(device: torch.device, nbytes: int = 256 << 20) -> float:
 
 def random_host_cache(
     b: int, h: int, t: int, d: int, dtype: torch.dtype, kv_dtype: str | None = None,
-    like: LayerKV | None = None,
+    like: LayerKV | None = None, device: torch.device | None = None,
 ) -> LayerKV:  # fmt: skip
     """One layer's host ("cpu" tier) cache of [b, h, t, d] random keys and values in `dtype`, or
     int8 with scales 0.01: what host attention is timed over (here, and by
-    tools/bench_host_attention.py); `like`: a copy of that cache instead (fast)."""
+    tools/bench_host_attention.py); `like`: a copy of that cache instead (fast). `device`: the
+    compute device the cache serves (default the CPU; new_kv_cache pins a 16-bit cache for a
+    CUDA device)."""
     from zeroinf.engine.kvcache import new_kv_cache
     from zeroinf.models import ModelConfig
 
@@ -212,7 +214,8 @@ def random_host_cache(
                       num_kv_heads=h, head_dim=d, intermediate_size=1, vocab_size=1,
                       max_positions=t, tie_embeddings=False, norm_eps=1e-5,
                       act="silu")  # fmt: skip
-    kv = new_kv_cache(cfg, b, t, dtype, torch.device("cpu"), kv_dtype, host_layers=(0,))[0]
+    dev = device or torch.device("cpu")
+    kv = new_kv_cache(cfg, b, t, dtype, dev, kv_dtype, host_layers=(0,))[0]
     if like is not None:
         for x, y in ((kv.k, like.k), (kv.v, like.v), (kv.k_scale, like.k_scale),
                      (kv.v_scale, like.v_scale)):  # fmt: skip
