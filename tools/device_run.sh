@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: build the native reader, check, and measure, stage by stage.
 #   bash tools/device_run.sh [STAGE ...]      (default: build models kernels io b32 b96 nvme)
-# Stages: build models kernels io gputest b32 b32w b32t b96 b96w b96m nvme ttft q30 q30e q30kv p30
+# Stages: build models kernels io gputest b32 b32w b32t b96 b96w b96wt b96m nvme ttft q30 q30e q30kv p30
 #   p30r p30kv p30c p30p3 p30cp p30old copyc hattn hattns hattnab hattnfp hattnq hread profh profhp
-#   profht profp prof pgemm gpuhkv refill mgputest mgpu (see docs/benchmarks.md).
+#   profht profp prof profb96 pgemm h2dk pelem gpuhkv refill mgputest mgpu (see docs/benchmarks.md).
 # Every stage's output goes to $OUT/all.log; JSON results to $OUT/*.json; a table comes last.
 set -u
 # NVLink multicast stays off (the device library's KINDS.md): NCCL, PyTorch and NVSHMEM
@@ -51,6 +51,8 @@ python setup.py build_ext --inplace" ;;
       --prompt-len 512 --gen-len 32 ;;
     b96w) bench b96w 400 --model opt-13b --offload cpu --gpu-memory 13.75GiB --batch-size 96 \
       --micro-batch 32 --prompt-len 512 --gen-len 32 ;;  # issue 7: a 12 GiB *weight* budget
+    b96wt) bench b96wt 400 --trace --model opt-13b --offload cpu --gpu-memory 13.75GiB --batch-size 96 \
+      --micro-batch 32 --prompt-len 512 --gen-len 32 ;;  # b96w with the copy timeline
     b96) bench b96 400 --model opt-13b --offload cpu --gpu-memory 12GiB --batch-size 96 \
       --prompt-len 512 --gen-len 32 ;;
     b32t) run b32t 300 env ZEROINF_COPY_THREAD=1 python -m zeroinf.cli.bench --json "$OUT/b32t.json" \
@@ -80,6 +82,11 @@ print(write_shape('llama-2-7b', torch.float16, '$NVME'))"
       --trace "$OUT/profht.json" -- "${P30[@]}" --kv-tier cpu --gen-len 4 \
       && gzip -f "$OUT/profht.json" ;;  # host KV tier: a GPU timeline of 3 decode steps
     gpuhkv) run gpuhkv 300 python tools/bench_gpu_reads_host_kv.py --json "$OUT/gpuhkv.json" ;;
+    pelem) run pelem 200 python tools/bench_prefill_elementwise.py --json "$OUT/pelem.json" ;;  # issue 7
+    h2dk) run h2dk 200 python tools/bench_h2d_beside_kernels.py --json "$OUT/h2dk.json" ;;  # b96w's copies
+    profb96) run profb96 300 env PYTHONPATH=. python tools/profile_bench.py --top 25 -- --model opt-13b \
+      --offload cpu --gpu-memory 13.75GiB --batch-size 96 --micro-batch 32 --prompt-len 512 \
+      --gen-len 2 ;;  # b96w's prefill: the device's kernels
     pgemm) run pgemm 200 python tools/bench_prefill_gemm.py --json "$OUT/pgemm.json" ;;  # issue 7
     hattn) run hattn 300 python tools/bench_host_attention.py --json "$OUT/hattn.json" ;;  # issue 7
     hattns) run hattns 200 python tools/bench_host_attention.py --sweep --json "$OUT/hattns.json" ;;

@@ -8,7 +8,7 @@ import torch
 
 from zeroinf.models.base import Context, LayerKV
 from zeroinf.models.config import ModelConfig
-from zeroinf.models.layers import activation, apply_rotary, attend, layer_norm, linear, rotary
+from zeroinf.models.layers import apply_rotary, attend, layer_norm, linear, linear_act, rotary
 
 # Checkpoints saved by older transformers hold the causal-mask and rotary buffers.
 EMBED_TABLE = "embed_in.weight"  # the embed unit's token table (engine/gather.py)
@@ -69,10 +69,8 @@ def _attention(
 
 
 def _mlp(x: torch.Tensor, w: dict[str, torch.Tensor], cfg: ModelConfig) -> torch.Tensor:
-    up = linear(x, w["mlp.dense_h_to_4h.weight"], w["mlp.dense_h_to_4h.bias"])
-    return linear(
-        activation(up, cfg.act), w["mlp.dense_4h_to_h.weight"], w["mlp.dense_4h_to_h.bias"]
-    )
+    up = linear_act(x, w["mlp.dense_h_to_4h.weight"], w["mlp.dense_h_to_4h.bias"], cfg.act)
+    return linear(up, w["mlp.dense_4h_to_h.weight"], w["mlp.dense_4h_to_h.bias"])
 
 
 def layer(

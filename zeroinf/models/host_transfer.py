@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from zeroinf.models.base import LayerKV
-from zeroinf.models.layers import write_kv
+from zeroinf.models.layers import copy_wide, write_kv
 
 
 def to_host(*xs: torch.Tensor, sync: bool = True) -> list[torch.Tensor]:
@@ -183,7 +183,10 @@ def packed(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """x [B, Hkv, S, D] in `dtype` with its (b, h) rows of S * D values back to back, the source
     cache_copy_2d's rows assume. (x.to(dtype, memory_format=torch.contiguous_format) is not
     that: for a transposed x of the right dtype it returns x itself.)"""
-    return x.to(dtype).contiguous()
+    x = x.to(dtype)
+    if x.is_contiguous():
+        return x
+    return copy_wide(torch.empty(x.shape, dtype=dtype, device=x.device), x)
 
 
 def device_to_host_2d(src: int, copy: Copy2D) -> CudaMemcpy2D:

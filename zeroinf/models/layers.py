@@ -27,6 +27,19 @@ def linear(
     return F.linear(x, w, b)
 
 
+def linear_act(
+    x: torch.Tensor, w: torch.Tensor | QuantWeight, b: torch.Tensor | None, act: str
+) -> torch.Tensor:
+    """activation(linear(x, w, b), act). A float ReLU layer with a bias on a GPU runs it as
+    cuBLASLt's bias + ReLU epilogue (torch._addmm_activation): the same bytes as the two
+    calls (tools/bench_prefill_elementwise.py checks it), one pass over the output fewer
+    (OPT-30B's prefill: ~0.08 s of ~5 s). x [..., K], w [N, K], b [N] -> [..., N]."""
+    if act == "relu" and b is not None and x.is_cuda and isinstance(w, torch.Tensor):
+        y = torch._addmm_activation(b, x.reshape(-1, x.shape[-1]), w.t())
+        return y.view(*x.shape[:-1], w.shape[0])
+    return activation(linear(x, w, b), act)
+
+
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     """LlamaRMSNorm: normalise in float32, cast back, then scale (the order matters in bf16);
     kernels.rms_norm_ref is this math, and the fused kernel's reference."""
@@ -223,9 +236,33 @@ def write_kv(
     for cache, x in pairs:  # cache [B, Hkv, T_max, ...], x [B, Hkv, S, ...]
         x = x.to(cache.dtype)
         if index is None:
-            cache[:, :, start : start + x.shape[2]] = x
+            copy_wide(cache[:, :, start : start + x.shape[2]], x)
         else:
             cache.index_copy_(2, index, x)
+
+
+def copy_wide(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """dst.copy_(src) for tensors of one dtype and shape, moved as 8-byte words where both
+    allow it (last dim contiguous, its bytes and every other stride a multiple of 8 bytes,
+    8-byte aligned): a transposed source (the projection's keys [B, S, H, D] viewed as
+    [B, H, S, D]) otherwise copies 2 bytes at a time, ~25% slower on the H100
+    (tools/bench_prefill_elementwise.py). The same bytes either way; returns dst."""
+    if _wide_copy_ok(dst, src):
+        dst.view(torch.int64).copy_(src.view(torch.int64))
+    else:
+        dst.copy_(src)
+    return dst
+
+
+def _wide_copy_ok(dst: torch.Tensor, src: torch.Tensor) -> bool:
+    """Whether copy_wide may move dst's and src's bytes as int64 words."""
+    size = dst.element_size()
+    return (
+        dst.dtype == src.dtype and dst.shape == src.shape and dst.dim() > 0 and size < 8
+        and all(t.stride(-1) == 1 and t.data_ptr() % 8 == 0 for t in (dst, src))
+        and all(s * size % 8 == 0 for t in (dst, src) for s in t.stride()[:-1])
+        and dst.shape[-1] * size % 8 == 0
+    )  # fmt: skip
 
 
 def read_kv(kv: LayerKV, end: int | None, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from zeroinf.models.base import Context, LayerKV
 from zeroinf.models.config import ModelConfig
-from zeroinf.models.layers import activation, attend, layer_norm, linear
+from zeroinf.models.layers import attend, layer_norm, linear, linear_act
 
 # OPT's learned position table starts at index 2 (a fairseq padding_idx legacy).
 POSITION_OFFSET = 2
@@ -92,7 +92,7 @@ def layer(
         h = _ln(h, w, "self_attn_layer_norm", cfg)
     x = _ln(h, w, "final_layer_norm", cfg) if before else h
     b1, b2 = (w["fc1.bias"], w["fc2.bias"]) if cfg.mlp_bias else (None, None)
-    h = h + linear(activation(linear(x, w["fc1.weight"], b1), cfg.act), w["fc2.weight"], b2)
+    h = h + linear(linear_act(x, w["fc1.weight"], b1, cfg.act), w["fc2.weight"], b2)
     return h if before else _ln(h, w, "final_layer_norm", cfg)
 
 
