@@ -50,6 +50,8 @@ def test_gpu_streaming_matches_transformers(tmp_path: Path, family: str, offload
         prof = model.prefetcher.copy_profile()
         assert prof["copies"] >= len(model.plan.streamed) and prof["copy_bytes_per_s"] > 0
         assert 0 < prof["busy_fraction"] <= 1 and "gather_s_per_unit" not in prof  # one rank
+        p10, p50, p90 = prof["decode_copy_bytes_per_s_p10_p50_p90"]
+        assert 0 < p10 <= p50 <= p90
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
     torch.testing.assert_close(again, ref, rtol=0, atol=0)
 

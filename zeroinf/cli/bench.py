@@ -417,6 +417,10 @@ def print_table(r: dict[str, Any]) -> None:
             f"link busy {cp['busy_fraction']:.3f} of the time; decode idle "
             f"{cp['decode_idle_s']:.3f} s, most before {cp['decode_idle_before']}"
         )
+        if cp.get("decode_copy_bytes_per_s_p10_p50_p90"):
+            q = " / ".join(f"{v / GB:.1f}" for v in cp["decode_copy_bytes_per_s_p10_p50_p90"])
+            print(f"  decode copies' own rates, p10 / p50 / p90: {q} GB/s; the slowest units' "
+                  f"median GB/s: {cp['decode_slowest_units']}")  # fmt: skip
         if "gather_s_per_unit" in cp:  # ranks: the share over this rank's link, then NCCL
             print(
                 f"  rank {r['rank']}: H2D {cp['h2d_bytes_per_s'] / GB:.1f} GB/s of its share; "
