@@ -255,11 +255,13 @@ def copy_wide(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
 
 
 def _wide_copy_ok(dst: torch.Tensor, src: torch.Tensor) -> bool:
-    """Whether copy_wide may move dst's and src's bytes as int64 words."""
+    """Whether copy_wide may move dst's and src's bytes as int64 words: Tensor.view(int64)'s
+    rules (which read the offset within the storage) and the words' alignment in memory."""
     size = dst.element_size()
     return (
         dst.dtype == src.dtype and dst.shape == src.shape and dst.dim() > 0 and size < 8
         and all(t.stride(-1) == 1 and t.data_ptr() % 8 == 0 for t in (dst, src))
+        and all(t.storage_offset() * size % 8 == 0 for t in (dst, src))
         and all(s * size % 8 == 0 for t in (dst, src) for s in t.stride()[:-1])
         and dst.shape[-1] * size % 8 == 0
     )  # fmt: skip
