@@ -7,9 +7,10 @@ source of the host tier's DMA), which torch runs 2 bytes at a time; the ReLU aft
 residual adds and the LayerNorms. Each is timed here against a cheaper form, which must give
 the same bytes (or, for the fused norm, within one rounding):
   kv copy        [B, S, H, D] -> [B, H, S, D] (the projection's view -> packed), fp16 against
-                 the same bytes viewed as int64 (8 bytes an element)
+                 layers.copy_wide (the same bytes viewed as int64: 8 bytes an element)
   kv into cache  the same into a cache slice [B, H, 0:S of T, D]
-  fc1 relu       F.relu(F.linear(x, w, b)) against torch._addmm_activation (cuBLASLt's epilogue)
+  fc1 relu       F.relu(F.linear(x, w, b)) against layers.linear_act (torch._addmm_activation:
+                 cuBLASLt's epilogue)
   add + norm     h + a, then F.layer_norm(h), against kernels.layer_norm(a, residual=h)
 Per chunk of `--rows` rows (median of CUDA-event timings) and per prefill (x layers x chunks
 x uses per layer). Needs a CUDA GPU; ~20 s.
@@ -33,17 +34,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import kernels  # noqa: E402
 from zeroinf.engine.probe import seconds  # noqa: E402
+from zeroinf.models.layers import _wide_copy_ok, copy_wide, linear_act  # noqa: E402
 from zeroinf.synthetic import SHAPES  # noqa: E402
 
 PROMPT, BATCH = 512, 96  # the issue-7 runs' prefill: 96 x 512 tokens
 
 
-def wide(t: torch.Tensor) -> torch.Tensor:
-    return t.view(torch.int64)
-
-
 def copied(dst: torch.Tensor, src: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
     dst.copy_(src)
+    return result
+
+
+def copied_wide(dst: torch.Tensor, src: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    assert _wide_copy_ok(dst, src)  # the form timed here is the int64 one
+    copy_wide(dst, src)
     return result
 
 
@@ -64,11 +68,11 @@ def cases(m: int, model: str, dev: torch.device) -> dict[str, tuple[Callable[[],
     a, res, lw, lb = rand(m, d), rand(m, d), rand(d), rand(d)
     return {
         "kv copy": (lambda: copied(packed, kv, packed),
-                    lambda: copied(wide(packed), wide(kv), packed), 2),
+                    lambda: copied_wide(packed, kv, packed), 2),
         "kv into cache": (lambda: copied(cache[:, :, :PROMPT], kv, cache),
-                          lambda: copied(wide(cache)[:, :, :PROMPT], wide(kv), cache), 2),
+                          lambda: copied_wide(cache[:, :, :PROMPT], kv, cache), 2),
         "fc1 relu": (lambda: F.relu(F.linear(x, w1, b1)),
-                     lambda: torch._addmm_activation(b1, x, w1.t()), 1),
+                     lambda: linear_act(x, w1, b1, "relu"), 1),
         "add + norm": (lambda: F.layer_norm(res + a, (d,), lw, lb, 1e-5),
                        lambda: kernels.layer_norm(a, lw, lb, 1e-5, residual=res)[0], 2),
     }  # fmt: skip

@@ -14,6 +14,8 @@ LOG=$OUT/all.log
 NVME=${NVME_DIR:-/tmp/zeroinf-nvme}
 # issue 7: OPT-30B fp16, the whole 24 GiB budget, the planner's plan (the p30* stages)
 P30=(--model opt-30b --offload cpu --gpu-memory 24GiB --batch-size auto --prompt-len 512 --gen-len 32)
+# issue 7: OPT-13B fp16, a 12 GiB *weight* budget, batch 96 as 3 x 32 (the b96w* stages)
+B96W=(--model opt-13b --offload cpu --gpu-memory 13.75GiB --batch-size 96 --micro-batch 32 --prompt-len 512 --gen-len 32)
 STAGES=("$@")
 [ ${#STAGES[@]} -eq 0 ] && STAGES=(build models kernels io b32 b96 nvme)
 : >"$OUT/summary.txt"
@@ -49,10 +51,8 @@ python setup.py build_ext --inplace" ;;
     # resident); the streaming slots and the activation workspace come on top (13.75 GiB in all)
     b32w) bench b32w 300 --trace --model opt-13b --offload cpu --gpu-memory 13.75GiB --batch-size 32 \
       --prompt-len 512 --gen-len 32 ;;
-    b96w) bench b96w 400 --model opt-13b --offload cpu --gpu-memory 13.75GiB --batch-size 96 \
-      --micro-batch 32 --prompt-len 512 --gen-len 32 ;;  # issue 7: a 12 GiB *weight* budget
-    b96wt) bench b96wt 400 --trace --model opt-13b --offload cpu --gpu-memory 13.75GiB --batch-size 96 \
-      --micro-batch 32 --prompt-len 512 --gen-len 32 ;;  # b96w with the copy timeline
+    b96w) bench b96w 400 "${B96W[@]}" ;;
+    b96wt) bench b96wt 400 --trace "${B96W[@]}" ;;  # b96w with the copy timeline
     b96) bench b96 400 --model opt-13b --offload cpu --gpu-memory 12GiB --batch-size 96 \
       --prompt-len 512 --gen-len 32 ;;
     b32t) run b32t 300 env ZEROINF_COPY_THREAD=1 python -m zeroinf.cli.bench --json "$OUT/b32t.json" \
@@ -84,9 +84,8 @@ print(write_shape('llama-2-7b', torch.float16, '$NVME'))"
     gpuhkv) run gpuhkv 300 python tools/bench_gpu_reads_host_kv.py --json "$OUT/gpuhkv.json" ;;
     pelem) run pelem 200 python tools/bench_prefill_elementwise.py --json "$OUT/pelem.json" ;;  # issue 7
     h2dk) run h2dk 200 python tools/bench_h2d_beside_kernels.py --json "$OUT/h2dk.json" ;;  # b96w's copies
-    profb96) run profb96 300 env PYTHONPATH=. python tools/profile_bench.py --top 25 -- --model opt-13b \
-      --offload cpu --gpu-memory 13.75GiB --batch-size 96 --micro-batch 32 --prompt-len 512 \
-      --gen-len 2 ;;  # b96w's prefill: the device's kernels
+    profb96) run profb96 300 env PYTHONPATH=. python tools/profile_bench.py --top 25 -- \
+      "${B96W[@]}" --gen-len 2 ;;  # b96w's prefill: the device's kernels
     pgemm) run pgemm 200 python tools/bench_prefill_gemm.py --json "$OUT/pgemm.json" ;;  # issue 7
     hattn) run hattn 300 python tools/bench_host_attention.py --json "$OUT/hattn.json" ;;  # issue 7
     hattns) run hattns 200 python tools/bench_host_attention.py --sweep --json "$OUT/hattns.json" ;;
