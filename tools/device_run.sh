@@ -3,7 +3,7 @@
 #   bash tools/device_run.sh [STAGE ...]      (default: build models kernels io b32 b96 nvme)
 # Stages: build models kernels io gputest b32 b32w b32t b96 b96w b96wt b96m nvme ttft q30 q30e q30kv p30
 #   p30r p30kv p30c p30p3 p30cp p30old copyc hattn hattns hattnab hattnfp hattnq hread profh profhp
-#   profht profp prof profb96 pgemm h2dk pelem gpuhkv refill mgputest mgpu (see docs/benchmarks.md).
+#   profht profp prof profb96 pgemm h2dk h2ds pelem gpuhkv refill mgputest mgpu (see docs/benchmarks.md).
 # Every stage's output goes to $OUT/all.log; JSON results to $OUT/*.json; a table comes last.
 set -u
 # NVLink multicast stays off (the device library's KINDS.md): NCCL, PyTorch and NVSHMEM
@@ -84,6 +84,7 @@ print(write_shape('llama-2-7b', torch.float16, '$NVME'))"
     gpuhkv) run gpuhkv 300 python tools/bench_gpu_reads_host_kv.py --json "$OUT/gpuhkv.json" ;;
     pelem) run pelem 200 python tools/bench_prefill_elementwise.py --json "$OUT/pelem.json" ;;  # issue 7
     h2dk) run h2dk 200 python tools/bench_h2d_beside_kernels.py --json "$OUT/h2dk.json" ;;  # b96w's copies
+    h2ds) run h2ds 200 python tools/bench_h2d_streams.py --json "$OUT/h2ds.json" ;;  # a unit over 1-4 streams
     profb96) run profb96 300 env PYTHONPATH=. python tools/profile_bench.py --top 25 -- \
       "${B96W[@]}" --gen-len 2 ;;  # b96w's prefill: the device's kernels
     pgemm) run pgemm 200 python tools/bench_prefill_gemm.py --json "$OUT/pgemm.json" ;;  # issue 7
