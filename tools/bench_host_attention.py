@@ -113,6 +113,9 @@ def load_module(path: Path) -> ModuleType:
     return module
 
 
+HINTS = {3: "T0", 2: "T1", 1: "T2", 0: "NTA"}  # __builtin_prefetch's locality, by x86 hint
+
+
 def kernel_sweep(
     b: int, h: int, t: int, d: int, cuda: torch.device | None, baseline: Path | None = None
 ) -> list[tuple]:
@@ -123,18 +126,20 @@ def kernel_sweep(
     q, mask, out = decode_inputs(b, h, t, d, torch.float16)
     nbytes = kv.k.nbytes + kv.v.nbytes
     current = ha.native
-    variants = [("", current, a) for a in (0, 4, 8, 16, 32)]
+    # (label, build, rows ahead, locality: 3 = T0 (the default), 2 = T1 (into L2), 0 = NTA)
+    variants = [("", current, a, 3) for a in (0, 4, 8, 16, 32)]
+    variants += [("", current, a, 2) for a in (8, 16, 32, 64)] + [("", current, 16, 0)]
     if baseline is not None:
         old = load_module(baseline)
-        variants = [v for a in (0, 8) for v in (("baseline, ", old, a), ("", current, a))]
-        variants += [("", current, a) for a in (4, 16, 32)]
+        variants = [v for a in (0, 8) for v in (("baseline, ", old, a, 3), ("", current, a, 3))]
+        variants += [("", current, a, 3) for a in (4, 16, 32)]
     rows = []
-    for label, module, ahead in variants:
+    for label, module, ahead, hint in variants:
 
-        def run(ahead: int = ahead) -> None:
-            assert ha.native_decode(q, kv, t, mask, d**-0.5, out, ahead=ahead)
+        def run(ahead: int = ahead, hint: int = hint) -> None:
+            assert ha.native_decode(q, kv, t, mask, d**-0.5, out, ahead=ahead, hint=hint)
 
-        name = f"{label}prefetch {ahead} rows ahead"
+        name = f"{label}prefetch {ahead} rows ahead" + ("" if hint == 3 else f", {HINTS[hint]}")
         ha.native = module
         alone, beside, copied = alone_and_beside(run, nbytes, cuda)
         ha.native = current
