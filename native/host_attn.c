@@ -13,11 +13,10 @@
  * dtype: the float32 reference's, as torch's SDPA computes 16-bit inputs.
  *
  * Python: decode(q, k, v, out, mask, k_new, v_new, dims, strides, dtype, scale, threads[,
- * portable, ahead, hint]),
+ * portable, ahead]),
  * addresses as ints (torch's data_ptr()), the GIL released while it runs; portable=True takes
  * the portable path on any CPU (tests check both paths); ahead: software prefetch distance in
- * rows (default 8; 0 turns it off; tools/bench_host_attention.py compares); hint: its
- * locality, 3 (T0, the default) to 0 (NTA).
+ * rows (default 8; 0 turns it off; tools/bench_host_attention.py compares).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -50,7 +49,6 @@ typedef struct {
     int64_t next;                 /* the next task: atomic */
     int simd;
     int64_t ahead;                /* software prefetch: rows ahead of the one in use (0: none) */
-    int hint;                     /* its locality, as __builtin_prefetch's: 3 (T0) .. 0 (NTA) */
     int threads;
 } Job;
 
@@ -153,16 +151,8 @@ __attribute__((target("avx2,fma,f16c"), always_inline)) static inline __m256 loa
 static inline void prefetch_row(const Job *j, const char *base, int64_t t, int64_t st,
                                 int64_t row) {
 #if defined(__GNUC__)
-    if (!j->ahead || t + j->ahead >= j->end) return;
-    const char *p = base + (t + j->ahead) * st;
-    /* the locality is a compile-time constant of the builtin: 3 = into L1 (T0), 2 = L2 (T1),
-     * 1 = L3 (T2), 0 = non-temporal (NTA) */
-    switch (j->hint) {
-    case 0: for (int64_t b = 0; b < row; b += 64) __builtin_prefetch(p + b, 0, 0); break;
-    case 1: for (int64_t b = 0; b < row; b += 64) __builtin_prefetch(p + b, 0, 1); break;
-    case 2: for (int64_t b = 0; b < row; b += 64) __builtin_prefetch(p + b, 0, 2); break;
-    default: for (int64_t b = 0; b < row; b += 64) __builtin_prefetch(p + b, 0, 3);
-    }
+    if (j->ahead && t + j->ahead < j->end)
+        for (int64_t b = 0; b < row; b += 64) __builtin_prefetch(base + (t + j->ahead) * st + b);
 #endif
 }
 
@@ -406,18 +396,15 @@ static int parse_job(PyObject *args, Job *j) {
     int portable = 0;
     memset(j, 0, sizeof *j);
     j->ahead = 8;
-    j->hint = 3;
-    if (!PyArg_ParseTuple(args, "KKKKKKK(LLLLL)(LLLLLLLLLLLLLL)ifi|pLi", &q, &k, &v, &out, &mask,
+    if (!PyArg_ParseTuple(args, "KKKKKKK(LLLLL)(LLLLLLLLLLLLLL)ifi|pL", &q, &k, &v, &out, &mask,
                           &k_new, &v_new, &j->B, &j->H, &j->Hkv, &j->D, &j->end, &j->q_sb,
                           &j->q_sh, &j->k_sb, &j->k_sh, &j->k_st, &j->v_sb, &j->v_sh, &j->v_st,
                           &j->o_sb, &j->mask_sb, &j->kn_sb, &j->kn_sh, &j->vn_sb, &j->vn_sh,
-                          &j->dtype, &j->scale, &j->threads, &portable, &j->ahead,
-                          &j->hint))
+                          &j->dtype, &j->scale, &j->threads, &portable, &j->ahead))
         return 0;
     if (j->dtype < F32 || j->dtype > BF16 || j->B < 0 || j->H <= 0 || j->Hkv <= 0 ||
-        j->H % j->Hkv || j->D <= 0 || j->end <= 0 || j->ahead < 0 || j->hint < 0 || j->hint > 3 ||
-        !k_new != !v_new) {
-        PyErr_SetString(PyExc_ValueError, "host_attn.decode: bad dtype, dimensions, prefetch or new k/v");
+        j->H % j->Hkv || j->D <= 0 || j->end <= 0 || j->ahead < 0 || !k_new != !v_new) {
+        PyErr_SetString(PyExc_ValueError, "host_attn.decode: bad dtype, dimensions or new k/v");
         return 0;
     }
     j->q = (const char *)(uintptr_t)q;
@@ -547,7 +534,7 @@ static PyMethodDef methods[] = {
     {"decode", decode, METH_VARARGS,
      "decode(q, k, v, out, mask, k_new, v_new, (B, H, Hkv, D, end), (q_sb, q_sh, k_sb, k_sh, k_st, "
      "v_sb, v_sh, v_st, o_sb, mask_sb, kn_sb, kn_sh, vn_sb, vn_sh), dtype, scale, threads[, "
-     "portable, ahead, hint]): write this step's k, v (0: none) at end - 1, then one-token attention over a host KV cache"},
+     "portable, ahead]): write this step's k, v (0: none) at end - 1, then one-token attention over a host KV cache"},
     {"decode_async", decode_async, METH_VARARGS,
      "decode_async(stream, args): decode(*args) as a host function queued in a CUDA stream"},
     {"failures", failures, METH_NOARGS,

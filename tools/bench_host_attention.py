@@ -113,9 +113,6 @@ def load_module(path: Path) -> ModuleType:
     return module
 
 
-HINTS = {3: "T0", 2: "T1", 1: "T2", 0: "NTA"}  # __builtin_prefetch's locality, by x86 hint
-
-
 def kernel_sweep(
     b: int, h: int, t: int, d: int, cuda: torch.device | None, baseline: Path | None = None
 ) -> list[tuple]:
@@ -126,20 +123,18 @@ def kernel_sweep(
     q, mask, out = decode_inputs(b, h, t, d, torch.float16)
     nbytes = kv.k.nbytes + kv.v.nbytes
     current = ha.native
-    # (label, build, rows ahead, locality: 3 = T0 (the default), 2 = T1 (into L2), 0 = NTA)
-    variants = [("", current, a, 3) for a in (0, 4, 8, 16, 32)]
-    variants += [("", current, a, 2) for a in (8, 16, 32, 64)] + [("", current, 16, 0)]
+    variants = [("", current, a) for a in (0, 4, 8, 16, 32)]
     if baseline is not None:
         old = load_module(baseline)
-        variants = [v for a in (0, 8) for v in (("baseline, ", old, a, 3), ("", current, a, 3))]
-        variants += [("", current, a, 3) for a in (4, 16, 32)]
+        variants = [v for a in (0, 8) for v in (("baseline, ", old, a), ("", current, a))]
+        variants += [("", current, a) for a in (4, 16, 32)]
     rows = []
-    for label, module, ahead, hint in variants:
+    for label, module, ahead in variants:
 
-        def run(ahead: int = ahead, hint: int = hint) -> None:
-            assert ha.native_decode(q, kv, t, mask, d**-0.5, out, ahead=ahead, hint=hint)
+        def run(ahead: int = ahead) -> None:
+            assert ha.native_decode(q, kv, t, mask, d**-0.5, out, ahead=ahead)
 
-        name = f"{label}prefetch {ahead} rows ahead" + ("" if hint == 3 else f", {HINTS[hint]}")
+        name = f"{label}prefetch {ahead} rows ahead"
         ha.native = module
         alone, beside, copied = alone_and_beside(run, nbytes, cuda)
         ha.native = current

@@ -56,23 +56,6 @@ def test_native_decode_matches_reference(
     torch.testing.assert_close(out.double(), want, rtol=0, atol=TOL[dtype])
 
 
-@pytest.mark.parametrize("hint", [0, 1, 2, 3])  # the prefetch's locality: NTA .. T0
-def test_native_decode_prefetch_hint_changes_no_byte(hint: int) -> None:
-    """A prefetch only moves cache lines: every locality gives the default's bytes."""
-    q, kv, mask = _case(5, 8, 8, 70, 128, 33, torch.float16, seed=3)
-    want, out = (torch.full((5, 1, 8 * 128), float("nan"), dtype=torch.float16) for _ in "ab")
-    assert ha.native_decode(q, kv, 33, mask, 128**-0.5, want)
-    assert ha.native_decode(q, kv, 33, mask, 128**-0.5, out, ahead=16, hint=hint)
-    assert torch.equal(out, want)
-
-
-def test_native_decode_rejects_a_bad_hint() -> None:
-    q, kv, mask = _case(1, 2, 2, 3, 16, 3, torch.float32, seed=4)
-    out = torch.empty(1, 1, 32)
-    with pytest.raises(ValueError, match="prefetch"):
-        ha.native_decode(q, kv, 3, mask, 0.25, out, hint=4)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2)])
 def test_native_decode_writes_the_step_first(dtype: torch.dtype, heads: int, kv_heads: int) -> None:

@@ -267,7 +267,6 @@ def native_decode(
     portable: bool = False,
     ahead: int = 8,
     stream: torch.cuda.Stream | None = None,
-    hint: int = 3,
 ) -> bool:
     """attend_cached through native/host_attn.c where it applies (one query token per row, a
     16-bit or float32 cache read as written, every tensor with its last dim contiguous; q, out,
@@ -275,8 +274,7 @@ def native_decode(
     new: this step's k, v [B, Hkv, 1, D], written at cache index end - 1 before the attention,
     in the same pass. A row with no visible position gets zeros (the step's own key is always
     visible in a decode step). portable: the kernel's plain-C path even where the CPU has AVX2
-    (for tests); ahead: its software prefetch distance in rows; hint: that prefetch's
-    locality, 3 (into L1, T0) to 0 (non-temporal).
+    (for tests); ahead: its software prefetch distance in rows.
     stream: queue the kernel in this CUDA stream instead of running it now (the buffers must
     then outlive it: InFlight)."""
     B, H, S, D = q.shape
@@ -298,7 +296,7 @@ def native_decode(
         (q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0),
          v.stride(1), v.stride(2), out.stride(0), mask.stride(0), kn.stride(0), kn.stride(1),
          vn.stride(0), vn.stride(1)),
-        code, scale, torch.get_num_threads(), portable, ahead, hint,
+        code, scale, torch.get_num_threads(), portable, ahead,
     )  # fmt: skip
     if stream is None:
         native.decode(*args)  # type: ignore[attr-defined]
