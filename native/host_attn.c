@@ -8,15 +8,20 @@
  * value t, the softmax online), converting 16-bit elements to float32 in registers (F16C/AVX2 where
  * the CPU has them, chosen at run time; portable C otherwise). torch's CPU SDPA converts 16-bit
  * inputs far more slowly than memory delivers them (models/host_attention.py has the figures).
+ * An int8 cache (kernels/kv_quant.py's layout: one float32 scale per token and kv head) is read
+ * as int8 and dequantized in registers: a key's score is (q . k) * its scale, a value's weight
+ * p * its scale; this step's k and v are quantized as they are written, bit for bit as the
+ * reference quantizes them.
  *
  * Arithmetic: float32 throughout (scores, softmax, sum of values), rounded once to the output
  * dtype: the float32 reference's, as torch's SDPA computes 16-bit inputs.
  *
  * Python: decode(q, k, v, out, mask, k_new, v_new, dims, strides, dtype, scale, threads[,
- * portable, ahead]),
+ * portable, ahead, kv_dtype, (k_scale, v_scale, ks_sb, ks_sh, vs_sb, vs_sh)]),
  * addresses as ints (torch's data_ptr()), the GIL released while it runs; portable=True takes
  * the portable path on any CPU (tests check both paths); ahead: software prefetch distance in
- * rows (default 8; 0 turns it off; tools/bench_host_attention.py compares).
+ * rows (default 8; 0 turns it off; tools/bench_host_attention.py compares); kv_dtype: the
+ * cache's (-1: dtype's; 3: int8, with the scales' addresses and element strides).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -32,7 +37,7 @@
 #define ZI_X86 1
 #endif
 
-enum { F32 = 0, F16 = 1, BF16 = 2 };
+enum { F32 = 0, F16 = 1, BF16 = 2, I8 = 3 }; /* I8: a cache's storage only, never q's or out's */
 
 typedef struct {
     const char *q, *k, *v, *mask; /* mask: bool [B, end] with row stride mask_sb, or NULL */
@@ -44,7 +49,10 @@ typedef struct {
     int64_t v_sb, v_sh, v_st;
     int64_t o_sb, mask_sb;        /* out [B, H * D]; mask [B, end] */
     int64_t kn_sb, kn_sh, vn_sb, vn_sh; /* of k_new and v_new */
-    int dtype;
+    int dtype;                    /* of q, out, k_new, v_new, and of the cache unless kv_dtype */
+    int kv_dtype;                 /* the cache's: dtype, or I8 with per-token scales below */
+    const char *ks, *vs;          /* I8: float32 scales [B, Hkv, T] (T contiguous), x ~= q * s */
+    int64_t ks_sb, ks_sh, vs_sb, vs_sh;
     float scale;
     int64_t next;                 /* the next task: atomic */
     int simd;
@@ -112,6 +120,7 @@ static inline uint16_t float_to_bf16(float x) {
 
 static inline float load(const char *p, int64_t i, int dtype) {
     if (dtype == F32) return ((const float *)p)[i];
+    if (dtype == I8) return (float)((const int8_t *)p)[i];
     uint16_t x = ((const uint16_t *)p)[i];
     return dtype == F16 ? half_to_float(x) : bf16_to_float(x);
 }
@@ -121,6 +130,28 @@ static inline void store(char *p, int64_t i, float x, int dtype) {
         ((float *)p)[i] = x;
     else
         ((uint16_t *)p)[i] = dtype == F16 ? float_to_half(x) : float_to_bf16(x);
+}
+
+static inline int64_t elem_size(int dtype) { return dtype == F32 ? 4 : dtype == I8 ? 1 : 2; }
+
+/* x [D] in `dtype` -> int8 q [D] and its scale, as kernels/kv_quant.py's reference (bit for bit):
+ * absmax over D in float32 (exact), scale = absmax / 127, q = round half to even of
+ * clamp(x / s, -127, 127) with s = scale (1 for an all-zero row, whose scale stays 0); both
+ * divisions correctly rounded float32 (no -ffast-math here), rintf in the default rounding mode
+ * rounds half to even. */
+static void quantize_row(const char *x, int dtype, int64_t D, int8_t *q, float *scale) {
+    float am = 0.f;
+    for (int64_t d = 0; d < D; d++) {
+        float a = fabsf(load(x, d, dtype));
+        am = a > am ? a : am;
+    }
+    float sc = am / 127.f, s = sc > 0.f ? sc : 1.f;
+    for (int64_t d = 0; d < D; d++) {
+        float t = load(x, d, dtype) / s;
+        t = t < -127.f ? -127.f : t > 127.f ? 127.f : t;
+        q[d] = (int8_t)rintf(t);
+    }
+    *scale = sc;
 }
 
 /* Portable: score of one key, and acc += p * value, for D elements. */
@@ -138,6 +169,8 @@ static void axpy_scalar(float *acc, float p, const char *v, int64_t D, int dtype
 __attribute__((target("avx2,fma,f16c"), always_inline)) static inline __m256 load8(const char *p, int64_t i,
                                                                      int dtype) {
     if (dtype == F32) return _mm256_loadu_ps((const float *)p + i);
+    if (dtype == I8)
+        return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p + i))));
     __m128i x = _mm_loadu_si128((const __m128i *)((const uint16_t *)p + i));
     if (dtype == F16) return _mm256_cvtph_ps(x);
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(x), 16));
@@ -162,15 +195,18 @@ static void rescale(float *acc, int64_t D, float c) {
 }
 
 /* The portable path: key by key, the softmax online. mx, sum: [n_rep] running max and sum. */
-static void attend_portable(const Job *j, const char *kc, const char *vc, const char *m,
-                            const float *qf, float *acc, float *mx, float *sum) {
-    int64_t size = j->dtype == F32 ? 4 : 2, n_rep = j->H / j->Hkv, D = j->D, row = D * size;
+static void attend_portable(const Job *j, const char *kc, const char *vc, const float *ksc,
+                            const float *vsc, const char *m, const float *qf, float *acc,
+                            float *mx, float *sum) {
+    int kd = j->kv_dtype;
+    int64_t size = elem_size(kd), n_rep = j->H / j->Hkv, D = j->D, row = D * size;
     for (int64_t t = 0; t < j->end; t++) {
         prefetch_row(j, kc, t, j->k_st * size, row);
         prefetch_row(j, vc, t, j->v_st * size, row);
         if (m && !m[t]) continue;
         for (int64_t r = 0; r < n_rep; r++) {
-            float s = dot_scalar(qf + r * D, kc + t * j->k_st * size, D, j->dtype);
+            float s = dot_scalar(qf + r * D, kc + t * j->k_st * size, D, kd);
+            if (ksc) s *= ksc[t]; /* q . (k * scale) = (q . k) * scale */
             if (s > mx[r]) {
                 float c = expf(mx[r] - s); /* 0 at the first visible position */
                 sum[r] *= c;
@@ -179,7 +215,7 @@ static void attend_portable(const Job *j, const char *kc, const char *vc, const 
             }
             float p = expf(s - mx[r]);
             sum[r] += p;
-            axpy_scalar(acc + r * D, p, vc + t * j->v_st * size, D, j->dtype);
+            axpy_scalar(acc + r * D, vsc ? p * vsc[t] : p, vc + t * j->v_st * size, D, kd);
         }
     }
 }
@@ -265,12 +301,12 @@ __attribute__((target("avx2,fma,f16c"), always_inline)) static inline void axpy_
  * of a key's time. Masked keys are left out of the block (neither read nor summed: a masked
  * slot may never have been written). */
 __attribute__((target("avx2,fma,f16c"), always_inline)) static inline void attend_avx2_typed(
-    const Job *j, const char *kc, const char *vc, const char *m, const float *qf, float *acc,
-    float *mx, float *sum, const int dtype) {
-    int64_t size = dtype == F32 ? 4 : 2, n_rep = j->H / j->Hkv, D = j->D, row = D * size;
+    const Job *j, const char *kc, const char *vc, const float *ksc, const float *vsc,
+    const char *m, const float *qf, float *acc, float *mx, float *sum, const int dtype) {
+    int64_t size = elem_size(dtype), n_rep = j->H / j->Hkv, D = j->D, row = D * size;
     int64_t kst = j->k_st * size, vst = j->v_st * size;
     const char *keys[BLOCK], *values[BLOCK];
-    float s[BLOCK] __attribute__((aligned(32)));
+    float s[BLOCK] __attribute__((aligned(32))), ks[BLOCK], vs[BLOCK]; /* vs: I8 only */
     for (int64_t t0 = 0; t0 < j->end; t0 += BLOCK) {
         int64_t t1 = t0 + BLOCK < j->end ? t0 + BLOCK : j->end;
         int n = 0;
@@ -278,6 +314,10 @@ __attribute__((target("avx2,fma,f16c"), always_inline)) static inline void atten
             prefetch_row(j, kc, t, kst, row);
             prefetch_row(j, vc, t, vst, row);
             if (m && !m[t]) continue;
+            if (dtype == I8) {
+                ks[n] = ksc[t];
+                vs[n] = vsc[t];
+            }
             keys[n] = kc + t * kst;
             values[n++] = vc + t * vst;
         }
@@ -285,6 +325,7 @@ __attribute__((target("avx2,fma,f16c"), always_inline)) static inline void atten
             float top = mx[r];
             for (int i = 0; i < n; i++) {
                 s[i] = dot_avx2(qf + r * D, keys[i], D, dtype);
+                if (dtype == I8) s[i] *= ks[i]; /* q . (k * scale) = (q . k) * scale */
                 top = s[i] > top ? s[i] : top;
             }
             if (top > mx[r]) {
@@ -303,22 +344,25 @@ __attribute__((target("avx2,fma,f16c"), always_inline)) static inline void atten
             __m128 h = _mm_add_ps(_mm256_castps256_ps128(total), _mm256_extractf128_ps(total, 1));
             h = _mm_hadd_ps(h, h);
             sum[r] += _mm_cvtss_f32(_mm_hadd_ps(h, h));
+            if (dtype == I8)
+                for (int i = 0; i < n; i++) s[i] *= vs[i]; /* p (v * scale) = (p * scale) v */
             axpy_block_avx2(acc + r * D, s, values, n, D, dtype);
         }
     }
 }
 
 /* attend_avx2_typed with the dtype a constant in each copy (no branch per load). */
-__attribute__((target("avx2,fma,f16c"))) static void attend_avx2(const Job *j, const char *kc,
-                                                                 const char *vc, const char *m,
-                                                                 const float *qf, float *acc,
-                                                                 float *mx, float *sum) {
-    if (j->dtype == F16)
-        attend_avx2_typed(j, kc, vc, m, qf, acc, mx, sum, F16);
-    else if (j->dtype == BF16)
-        attend_avx2_typed(j, kc, vc, m, qf, acc, mx, sum, BF16);
+__attribute__((target("avx2,fma,f16c"))) static void attend_avx2(
+    const Job *j, const char *kc, const char *vc, const float *ksc, const float *vsc,
+    const char *m, const float *qf, float *acc, float *mx, float *sum) {
+    if (j->kv_dtype == F16)
+        attend_avx2_typed(j, kc, vc, ksc, vsc, m, qf, acc, mx, sum, F16);
+    else if (j->kv_dtype == BF16)
+        attend_avx2_typed(j, kc, vc, ksc, vsc, m, qf, acc, mx, sum, BF16);
+    else if (j->kv_dtype == I8)
+        attend_avx2_typed(j, kc, vc, ksc, vsc, m, qf, acc, mx, sum, I8);
     else
-        attend_avx2_typed(j, kc, vc, m, qf, acc, mx, sum, F32);
+        attend_avx2_typed(j, kc, vc, ksc, vsc, m, qf, acc, mx, sum, F32);
 }
 #endif
 
@@ -332,14 +376,26 @@ __attribute__((target("avx2,fma,f16c"))) static void attend_avx2(const Job *j, c
  * 20-28% slower on the H100 machine (tools/bench_host_attention.py --sweep, 2026-11-24).
  * Scratch: the scaled queries and the sums [n_rep, D] each. */
 static void task(const Job *j, int64_t b, int64_t hk, float *qf, float *acc) {
-    int64_t size = j->dtype == F32 ? 4 : 2, n_rep = j->H / j->Hkv, end = j->end, D = j->D;
-    char *kc = (char *)j->k + (b * j->k_sb + hk * j->k_sh) * size;
-    char *vc = (char *)j->v + (b * j->v_sb + hk * j->v_sh) * size;
+    int64_t size = elem_size(j->dtype), n_rep = j->H / j->Hkv, end = j->end, D = j->D;
+    int64_t cs = elem_size(j->kv_dtype); /* the cache's element size */
+    char *kc = (char *)j->k + (b * j->k_sb + hk * j->k_sh) * cs;
+    char *vc = (char *)j->v + (b * j->v_sb + hk * j->v_sh) * cs;
+    float *ksc = NULL, *vsc = NULL;
+    if (j->kv_dtype == I8) {
+        ksc = (float *)j->ks + b * j->ks_sb + hk * j->ks_sh;
+        vsc = (float *)j->vs + b * j->vs_sb + hk * j->vs_sh;
+    }
     if (j->k_new) {
-        memcpy(kc + (end - 1) * j->k_st * size, j->k_new + (b * j->kn_sb + hk * j->kn_sh) * size,
-               (size_t)(D * size));
-        memcpy(vc + (end - 1) * j->v_st * size, j->v_new + (b * j->vn_sb + hk * j->vn_sh) * size,
-               (size_t)(D * size));
+        const char *kn = j->k_new + (b * j->kn_sb + hk * j->kn_sh) * size;
+        const char *vn = j->v_new + (b * j->vn_sb + hk * j->vn_sh) * size;
+        char *kd = kc + (end - 1) * j->k_st * cs, *vd = vc + (end - 1) * j->v_st * cs;
+        if (ksc) { /* quantized as written, as write_kv does */
+            quantize_row(kn, j->dtype, D, (int8_t *)kd, ksc + end - 1);
+            quantize_row(vn, j->dtype, D, (int8_t *)vd, vsc + end - 1);
+        } else {
+            memcpy(kd, kn, (size_t)(D * size));
+            memcpy(vd, vn, (size_t)(D * size));
+        }
     }
     const char *m = j->mask ? j->mask + b * j->mask_sb : NULL;
     for (int64_t r = 0; r < n_rep; r++) {
@@ -354,10 +410,10 @@ static void task(const Job *j, int64_t b, int64_t hk, float *qf, float *acc) {
     }
 #ifdef ZI_X86
     if (j->simd)
-        attend_avx2(j, kc, vc, m, qf, acc, mx, sum);
+        attend_avx2(j, kc, vc, ksc, vsc, m, qf, acc, mx, sum);
     else
 #endif
-        attend_portable(j, kc, vc, m, qf, acc, mx, sum);
+        attend_portable(j, kc, vc, ksc, vsc, m, qf, acc, mx, sum);
     for (int64_t r = 0; r < n_rep; r++) {
         char *o = j->out + (b * j->o_sb + (hk * n_rep + r) * D) * size;
         float inv = sum[r] > 0.f ? 1.f / sum[r] : 0.f;
@@ -393,16 +449,23 @@ static int cpu_has_avx2(void) {
 /* decode()'s arguments into `j` (and its thread count); 0 with a Python error set on failure. */
 static int parse_job(PyObject *args, Job *j) {
     unsigned long long q, k, v, out, mask, k_new, v_new;
+    unsigned long long ks = 0, vs = 0;
     int portable = 0;
     memset(j, 0, sizeof *j);
     j->ahead = 8;
-    if (!PyArg_ParseTuple(args, "KKKKKKK(LLLLL)(LLLLLLLLLLLLLL)ifi|pL", &q, &k, &v, &out, &mask,
+    j->kv_dtype = -1;
+    if (!PyArg_ParseTuple(args, "KKKKKKK(LLLLL)(LLLLLLLLLLLLLL)ifi|pLi(KKLLLL)", &q, &k, &v, &out, &mask,
                           &k_new, &v_new, &j->B, &j->H, &j->Hkv, &j->D, &j->end, &j->q_sb,
                           &j->q_sh, &j->k_sb, &j->k_sh, &j->k_st, &j->v_sb, &j->v_sh, &j->v_st,
                           &j->o_sb, &j->mask_sb, &j->kn_sb, &j->kn_sh, &j->vn_sb, &j->vn_sh,
-                          &j->dtype, &j->scale, &j->threads, &portable, &j->ahead))
+                          &j->dtype, &j->scale, &j->threads, &portable, &j->ahead,
+                          &j->kv_dtype, &ks, &vs, &j->ks_sb, &j->ks_sh, &j->vs_sb, &j->vs_sh))
         return 0;
-    if (j->dtype < F32 || j->dtype > BF16 || j->B < 0 || j->H <= 0 || j->Hkv <= 0 ||
+    if (j->kv_dtype < 0) j->kv_dtype = j->dtype;
+    j->ks = (const char *)(uintptr_t)ks;
+    j->vs = (const char *)(uintptr_t)vs;
+    if (j->dtype < F32 || j->dtype > BF16 || (j->kv_dtype != j->dtype && j->kv_dtype != I8) ||
+        (j->kv_dtype == I8 && (!j->ks || !j->vs)) || j->B < 0 || j->H <= 0 || j->Hkv <= 0 ||
         j->H % j->Hkv || j->D <= 0 || j->end <= 0 || j->ahead < 0 || !k_new != !v_new) {
         PyErr_SetString(PyExc_ValueError, "host_attn.decode: bad dtype, dimensions or new k/v");
         return 0;
@@ -534,7 +597,7 @@ static PyMethodDef methods[] = {
     {"decode", decode, METH_VARARGS,
      "decode(q, k, v, out, mask, k_new, v_new, (B, H, Hkv, D, end), (q_sb, q_sh, k_sb, k_sh, k_st, "
      "v_sb, v_sh, v_st, o_sb, mask_sb, kn_sb, kn_sh, vn_sb, vn_sh), dtype, scale, threads[, "
-     "portable, ahead]): write this step's k, v (0: none) at end - 1, then one-token attention over a host KV cache"},
+     "portable, ahead, kv_dtype, scales]): write this step's k, v (0: none) at end - 1, then one-token attention over a host KV cache"},
     {"decode_async", decode_async, METH_VARARGS,
      "decode_async(stream, args): decode(*args) as a host function queued in a CUDA stream"},
     {"failures", failures, METH_NOARGS,

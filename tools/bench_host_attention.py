@@ -330,6 +330,7 @@ def main() -> None:
                 ("bf16", torch.bfloat16, None, native, threads, False, None),
                 ("fp32", torch.float32, None, native, threads, False, None),
                 ("fp32 torch", torch.float32, None, None, threads, False, None),
+                ("int8 (fp16 q)", f16, "int8", native, threads, False, None),
                 ("int8 torch (fp16 q)", f16, "int8", None, threads, False, None)]  # fmt: skip
     variants += [(f"fp16 {n} threads", f16, None, native, n, False, None)
                  for n in (1, 4, 8) if n < threads]  # fmt: skip

@@ -2,7 +2,7 @@
 # One call on the GPU machine: build the native reader, check, and measure, stage by stage.
 #   bash tools/device_run.sh [STAGE ...]      (default: build models kernels io b32 b96 nvme)
 # Stages: build models kernels io gputest b32 b32w b32t b96 b96w b96wt b96m nvme ttft q30 q30e q30kv p30
-#   p30r p30kv p30c p30p3 p30cp p30old copyc hattn hattns hattnab hattnfp hattnq hread profh profhp
+#   p30r p30kv p30kvc p30c p30p3 p30cp p30old copyc hattn hattns hattnab hattnfp hattnq hread profh profhp
 #   profht profp prof profb96 pgemm h2dk h2ds pelem gpuhkv refill mgputest mgpu (see docs/benchmarks.md).
 # Every stage's output goes to $OUT/all.log; JSON results to $OUT/*.json; a table comes last.
 set -u
@@ -111,6 +111,7 @@ print(write_shape('llama-2-7b', torch.float16, '$NVME'))"
     p30r) bench p30r 560 "${P30[@]}" --repeat 4 ;;  # p30, then 3 more calls on the same cache
     p30p3) bench p30p3 500 --trace "${P30[@]}" --prefetch 3 ;;  # the planner may take a third slot
     p30kv) bench p30kv 500 "${P30[@]}" --kv-dtype int8 ;;
+    p30kvc) bench p30kvc 500 "${P30[@]}" --kv-dtype int8 --kv-tier cpu ;;  # int8 in host memory
     p30c) bench p30c 500 "${P30[@]}" --kv-tier cpu ;;  # issue 7: KV cache in host memory
     b96m) bench b96m 400 --model opt-13b --offload cpu --gpu-memory 12GiB --batch-size 96 \
       --micro-batch 32 --prompt-len 512 --gen-len 32 ;;

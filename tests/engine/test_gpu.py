@@ -129,6 +129,37 @@ def test_host_kv_tier_on_the_gpu(tmp_path: Path, family: str, dtype: str) -> Non
         assert (outs["split"] != outs["gpu"]).any(1).sum() <= 1
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_host_kv_tier_int8_on_the_gpu(tmp_path: Path, dtype: str) -> None:
+    """An int8 host cache on a GPU: pinned, the prompt's keys quantized on the device and put
+    in by DMA, decode steps by the native kernel reading int8; its tokens equal the device
+    tier's int8 run (Triton's decode attention over the same bytes), float32 exactly, float16
+    in all but the rare near-tie; a second call on the same cache gives the same tokens."""
+    from zeroinf.models.host_attention import take_stats
+
+    save_tiny_hf(tmp_path / "hf", "llama", seed=4)
+    ckpt = convert(tmp_path / "hf", tmp_path / "zi", progress=False, dtype=dtype)
+    ids = torch.randint(4, 200, (7, 9), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[2, :5] = 0
+    outs = {}
+    for tier in ("cpu", "gpu"):
+        with zeroinf.load(ckpt, device="cuda", kv_tier=tier, kv_dtype="int8",
+                          prefill_tokens=18) as model:  # fmt: skip
+            take_stats()
+            outs[tier] = model.generate(ids, attention_mask=mask, max_new_tokens=12)
+            stats = take_stats()
+            again = model.generate(ids, attention_mask=mask, max_new_tokens=12)
+            torch.testing.assert_close(again, outs[tier], rtol=0, atol=0)
+        if tier == "cpu":  # the kernel ran every decode step; the prompt went by DMA
+            assert stats["kernel_calls"] > 0 and stats["dma_bytes"] > 0
+            assert stats["writer_bytes"] == 0
+    if dtype == "float32":
+        torch.testing.assert_close(outs["cpu"], outs["gpu"], rtol=0, atol=0)
+    else:
+        assert (outs["cpu"] != outs["gpu"]).any(1).sum() <= 1
+
+
 @pytest.mark.parametrize("inference", [False, True])
 def test_host_memory_probe_runs_its_copies(inference: bool) -> None:
     """The host memory rate counts H2D copies beside the CPU's reads, in or out of inference

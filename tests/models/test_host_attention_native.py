@@ -1,7 +1,7 @@
 """The host KV tier's native decode attention (native/host_attn.c) against a float64 torch
 reference: every dtype, GQA, masks, a cache longer than the attended prefix, strided views, both
-the AVX2 and the portable C path; where host_attention takes it or leaves it; and the writer
-thread of models/host_transfer.py against the bytes it was given."""
+the AVX2 and the portable C path, an int8 cache; where host_attention takes it or leaves it;
+and the writer thread of models/host_transfer.py against the bytes it was given."""
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ import sys
 import pytest
 import torch
 
+from kernels.kv_quant import quantize_kv_ref
 from zeroinf.models import host_attention as ha
 from zeroinf.models.base import LayerKV
 from zeroinf.models.host_transfer import HostWriter
-from zeroinf.models.layers import sdpa
+from zeroinf.models.layers import sdpa, write_kv
 
 pytest.importorskip("zeroinf._native_attn")
 
@@ -76,6 +77,61 @@ def test_native_decode_writes_the_step_first(dtype: torch.dtype, heads: int, kv_
     torch.testing.assert_close(out.double(), want, rtol=0, atol=TOL[dtype])
 
 
+def _int8_case(B: int, H: int, Hkv: int, T: int, D: int, end: int, dtype: torch.dtype, seed: int):
+    """_case's with the cache quantized by the reference (kernels.kv_quant), its reference the
+    float64 attention over the dequantized cache."""
+    q, kv, mask = _case(B, H, Hkv, T, D, end, dtype, seed)
+    (kq, ks), (vq, vs) = quantize_kv_ref(kv.k), quantize_kv_ref(kv.v)
+    exact = LayerKV(kq.double() * ks.double()[..., None], vq.double() * vs.double()[..., None])
+    return q, LayerKV(kq, vq, ks, vs, host=True), mask, _reference(q, exact, end, mask, D**-0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("portable", [False, True])
+@pytest.mark.parametrize(
+    "B,H,Hkv,T,D,end",
+    [(3, 4, 4, 16, 16, 9), (2, 6, 2, 40, 64, 37), (5, 8, 8, 70, 128, 33), (1, 2, 2, 3, 13, 1)],
+)  # fmt: skip
+def test_native_decode_int8_cache_matches_reference(
+    dtype: torch.dtype, portable: bool, B: int, H: int, Hkv: int, T: int, D: int, end: int
+) -> None:
+    """An int8 cache with its per-token scales, read by the kernel (int8 in, dequantized in
+    registers), against float64 attention over q * scale: GQA, masks, blocks of 16 keys and a
+    tail, a head size the AVX2 path does not take (13)."""
+    q, kv, mask, want = _int8_case(B, H, Hkv, T, D, end, dtype, seed=B * 10 + D)
+    out = torch.full((B, 1, H * D), float("nan"), dtype=dtype)
+    assert ha.native_decode(q, kv, end, mask, D**-0.5, out, portable=portable)
+    torch.testing.assert_close(out.double(), want, rtol=0, atol=TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("portable", [False, True])
+def test_native_decode_int8_writes_as_write_kv(dtype: torch.dtype, portable: bool) -> None:
+    """This step's k, v quantized by the kernel as it writes them: the same int8 bytes and
+    scales as write_kv (the reference quantizer), nothing else touched; an all-zero row gets
+    scale 0; values on a rounding tie (x / s = k + 0.5) round to even."""
+    B, H, Hkv, T, D, end = 3, 6, 2, 12, 32, 7
+    q, kv, mask, _ = _int8_case(B, H, Hkv, T, D, end, dtype, seed=9)
+    g = torch.Generator().manual_seed(10)
+    k, v = (torch.randn(B, Hkv, 1, D, generator=g).to(dtype) for _ in "kv")
+    k[0, 0] = 0.0  # all zero: scale 0, q 0
+    v[1, 1, 0, :4] = torch.tensor([127.0, 0.5, 1.5, -2.5])  # scale 1: ties at 0.5, 1.5, -2.5
+    v[1, 1, 0, 4:] = 0.0
+    ref = LayerKV(*(x.clone() for x in (kv.k, kv.v, kv.k_scale, kv.v_scale)), host=True)
+    write_kv(ref, k, v, end - 1)
+    out = torch.empty(B, 1, H * D, dtype=dtype)
+    assert ha.native_decode(q, kv, end, mask, D**-0.5, out, new=(k, v), portable=portable)
+    for got, want in ((kv.k, ref.k), (kv.v, ref.v), (kv.k_scale, ref.k_scale),
+                      (kv.v_scale, ref.v_scale)):  # fmt: skip
+        assert torch.equal(got, want)
+    assert torch.equal(kv.v[1, 1, end - 1, :4], torch.tensor([127, 0, 2, -2], dtype=torch.int8))
+    exact = LayerKV(kv.k.double() * kv.k_scale.double()[..., None],
+                    kv.v.double() * kv.v_scale.double()[..., None])  # fmt: skip
+    # the tie row's value of 127 makes outputs up to ~50: their rounding is relative to that
+    torch.testing.assert_close(out.double(), _reference(q, exact, end, mask, D**-0.5),
+                               rtol=TOL[dtype], atol=TOL[dtype])  # fmt: skip
+
+
 def test_native_decode_views_and_unmasked_rows() -> None:
     """q as the transposed view the model makes, the output a slice of a wider buffer, a mask
     broadcast over rows (stride 0), and a row with nothing visible (zeros, by the contract)."""
@@ -128,16 +184,19 @@ def test_native_decode_declines_what_it_does_not_do() -> None:
     assert not ha.native_decode(q2, kv, 8, torch.ones(2, 1, 2, 8, dtype=torch.bool), 1.0, out)
     fresh = (kv.k[:, :, :1], kv.v[:, :, :1])
     assert not ha.native_decode(q, kv, 8, mask, 1.0, out, fresh)
-    int8 = LayerKV(kv.k.to(torch.int8), kv.v.to(torch.int8), torch.ones(2, 4, 8),
-                   torch.ones(2, 4, 8), True)  # fmt: skip
-    assert not ha.native_decode(q, int8, 8, mask, 1.0, out)
+    int8 = LayerKV(kv.k.to(torch.int8), kv.v.to(torch.int8), torch.ones(2, 4, 8).half(),
+                   torch.ones(2, 4, 8).half(), True)  # fmt: skip
+    assert not ha.native_decode(q, int8, 8, mask, 1.0, out)  # scales not float32
+    strided = LayerKV(int8.k, int8.v, torch.ones(2, 4, 8, 2)[..., 0], torch.ones(2, 4, 8), True)
+    assert not ha.native_decode(q, strided, 8, mask, 1.0, out)  # scales' T not contiguous
     assert not ha.native_decode(q.half(), kv, 8, mask, 1.0, out.half())  # cache dtype differs
     wrong = (torch.zeros(2, 4, 2, 16), torch.zeros(2, 4, 2, 16))  # two tokens to write
     assert not ha.native_decode(q, kv, 8, mask, 1.0, out, new=wrong)
 
 
 def test_attend_cached_takes_the_native_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A decode step over a 16-bit cache never reaches torch's SDPA; a prefill chunk does."""
+    """A decode step over a 16-bit or an int8 cache never reaches torch's SDPA; a prefill
+    chunk does."""
     calls: list[int] = []
     monkeypatch.setattr(ha, "sdpa", lambda q, *a: calls.append(q.shape[2]) or sdpa(q, *a))
     q, kv, mask = _case(2, 4, 4, 8, 16, 8, torch.float16, seed=4)
@@ -145,6 +204,10 @@ def test_attend_cached_takes_the_native_path(monkeypatch: pytest.MonkeyPatch) ->
     ha.attend_cached(q, kv, 8, mask, 0.25, out)
     assert calls == []
     torch.testing.assert_close(out.double(), _reference(q, kv, 8, mask, 0.25), rtol=0, atol=2e-3)
+    q, kv8, mask, want = _int8_case(2, 4, 4, 8, 16, 8, torch.float16, seed=4)
+    ha.attend_cached(q, kv8, 8, mask, 16**-0.5, out)
+    assert calls == []
+    torch.testing.assert_close(out.double(), want, rtol=0, atol=2e-3)
     q2 = torch.randn(2, 4, 3, 16).half()
     ha.attend_cached(q2, kv, 8, torch.ones(2, 1, 3, 8, dtype=torch.bool), 0.25,
                      torch.empty(2, 3, 64, dtype=torch.float16))  # fmt: skip

@@ -124,7 +124,7 @@ def _fake_pinning(monkeypatch: pytest.MonkeyPatch, fails: bool) -> list[bool]:
 
 def test_host_cache_for_a_cuda_device_is_pinned(monkeypatch: pytest.MonkeyPatch) -> None:
     """A 16-bit cache whose layers are all on the host (no device tensor made): each k, v
-    pinned, the flag set (and kept by rows()); an int8 cache stays pageable."""
+    pinned, the flag set (and kept by rows()); an int8 cache's k, v and scales too."""
     calls = _fake_pinning(monkeypatch, fails=False)
     cuda = torch.device("cuda", 0)
     kv = new_kv_cache(_cfg(), B, T, torch.float16, cuda, host_layers=range(3))
@@ -135,7 +135,13 @@ def test_host_cache_for_a_cuda_device_is_pinned(monkeypatch: pytest.MonkeyPatch)
     assert len({c.k.data_ptr() for c in kv} | {c.v.data_ptr() for c in kv}) == 6
     calls.clear()
     kv = new_kv_cache(_cfg(), B, T, torch.float16, cuda, "int8", host_layers=range(3))
-    assert not any(calls) and not any(c.pinned for c in kv) and kv[0].quantized
+    assert calls and all(calls)  # (4 KiB slots here: a chunk each)
+    assert all(c.host and c.pinned and c.quantized and c.rows(1, 2).pinned for c in kv)
+    assert all(c.k.shape == c.v.shape == (B, HKV, T, D) and c.k.dtype == torch.int8 for c in kv)
+    assert all(c.k_scale.shape == c.v_scale.shape == (B, HKV, T) for c in kv)
+    assert all(c.k_scale.dtype == torch.float32 and c.k_scale.is_contiguous() for c in kv)
+    ptrs = {x.data_ptr() for c in kv for x in (c.k, c.v, c.k_scale, c.v_scale)}
+    assert len(ptrs) == 12
 
 
 def test_failed_pinning_warns_once_and_falls_back(
@@ -150,21 +156,27 @@ def test_failed_pinning_warns_once_and_falls_back(
     assert all(c.host and not c.pinned and not c.k.any() and not c.v.any() for c in kv)
 
 
+CASES = [(torch.float16, None), (torch.float32, None), (torch.float16, "int8"),
+         (torch.bfloat16, "int8")]  # fmt: skip
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-def test_copy_engine_writes_what_write_kv_writes(dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("dtype,kv_dtype", CASES)
+def test_copy_engine_writes_what_write_kv_writes(dtype: torch.dtype, kv_dtype: str | None) -> None:
     """A pinned cache of new_kv_cache, written by CacheDMA (strided device sources): a prompt
     at index 0 over every row, then one at a later index into a rows(a, b) view; the bytes
-    equal write_kv's into a copy, both for a stream ordered after the copies and for the host
-    after the pass's end, and take_stats counts them."""
+    equal write_kv's into a copy (int8: quantized on the device by the Triton kernel, on the
+    host by the reference), both for a stream ordered after the copies and for the host after
+    the pass's end, and take_stats counts them."""
     from zeroinf.models.host_attention import finish_host_work, take_stats
     from zeroinf.models.host_transfer import cache_dma
 
     dev = torch.device("cuda", torch.cuda.current_device())  # as a tensor's device reads
-    kv = new_kv_cache(_cfg(1), B, T, dtype, dev, host_layers=(0,))[0]
-    assert kv.pinned and kv.k.is_pinned() and kv.v.is_pinned()
-    want = LayerKV(kv.k.clone(), kv.v.clone())
+    kv = new_kv_cache(_cfg(1), B, T, dtype, dev, kv_dtype, host_layers=(0,))[0]
+    tensors = [kv.k, kv.v] + ([kv.k_scale, kv.v_scale] if kv_dtype else [])
+    assert kv.pinned and all(x.is_pinned() for x in tensors)
+    want = LayerKV(*(x.clone() for x in tensors))  # type: ignore[arg-type]
     take_stats()
     g = torch.Generator(device=dev).manual_seed(0)
     sent = 0
@@ -173,10 +185,13 @@ def test_copy_engine_writes_what_write_kv_writes(dtype: torch.dtype) -> None:
                 for _ in "kv")  # fmt: skip
         cache_dma.submit(kv.rows(a, b), k, v, start)
         write_kv(want.rows(a, b), k.cpu(), v.cpu(), start)
-        sent += k.nbytes + v.nbytes
+        # int8: a byte per element and a float32 scale per D of them
+        sent += (k.numel() * (1 + 4 / D) * 2) if kv_dtype else k.nbytes + v.nbytes
     cache_dma.order(dev)  # the current stream reads the cache after the copies, the host goes on
     seen = kv.v.to(dev, non_blocking=True)
     finish_host_work()
-    assert torch.equal(kv.k, want.k) and torch.equal(kv.v, want.v)
+    refs = [want.k, want.v] + ([want.k_scale, want.v_scale] if kv_dtype else [])
+    for got, ref in zip(tensors, refs, strict=True):
+        assert torch.equal(got, ref)
     assert torch.equal(seen.cpu(), want.v)
     assert take_stats()["dma_bytes"] == sent

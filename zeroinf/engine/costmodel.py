@@ -256,11 +256,13 @@ def _host_prefill_s(size: ModelSize, host_share: float) -> float:
 
 
 def _cpu_attn_rate(size: ModelSize, rates: Rates) -> float:
-    """Cache bytes/s that host attention reads: the probe's int8 rate for an int8 cache (torch's
-    path), the native kernel's times HOST_ATTN_IN_RUN otherwise."""
+    """Cache bytes/s that host attention reads inside a run: the probe's rate (over an int8
+    cache for an int8 one) times HOST_ATTN_IN_RUN. Both run the native kernel where it is
+    built (int8 since the eleventh session: before, torch's path, which the probe timed too)."""
+    probed = rates.cpu_attn_bytes_per_s
     if size.kv_dtype == "int8" and rates.cpu_attn_int8_bytes_per_s:
-        return rates.cpu_attn_int8_bytes_per_s
-    return rates.cpu_attn_bytes_per_s * HOST_ATTN_IN_RUN
+        probed = rates.cpu_attn_int8_bytes_per_s
+    return probed * HOST_ATTN_IN_RUN
 
 
 def predict(

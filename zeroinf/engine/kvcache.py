@@ -84,23 +84,27 @@ def new_kv_cache(
     (models/host_attention.py). It is mapped with transparent huge pages where the kernel allows
     (io.aligned_empty), which the host attention reads faster.
 
-    On a CUDA device a 16-bit or float32 host cache is page-locked (LayerKV.pinned): a prompt's
-    keys and values then go from the device straight into the cache by DMA, one strided copy
-    per tensor (models.host_transfer.CacheDMA), where a writer thread copied them from pinned
-    staging on the CPU (2.2-5.8 s for OPT-30B's 67.6 GB at batch 96 on the H100 machine, which
-    paced the prefill on slow machines). Pinning is paid at a shape's first call only
-    (DecodeState keeps the cache for same-shaped calls): OPT-30B's first batch-96 call, which
-    pins 72 GB, ran 1.4 s longer than the next (the H100 machine, docs/benchmarks.md). The
-    layers are registered side by side (_pinned_host_cache); if pinning fails, a warning says
-    so and the cache is pageable, as on a CPU device and for int8 (whose writes quantize on the
-    CPU anyway): zeroed here on all of torch's threads, so the pages are faulted in now, not by
-    the prefill's cache writes, and the prompt's keys reach it through the writer thread."""
+    On a CUDA device a host cache is page-locked (LayerKV.pinned): a prompt's keys and values
+    then go from the device straight into the cache by DMA, one strided copy per tensor (an
+    int8 cache's quantized on the device first: models.host_transfer.CacheDMA), where a
+    writer thread copied them from pinned staging on the CPU (2.2-5.8 s for OPT-30B's 67.6 GB
+    at batch 96 on the H100 machine, which paced the prefill on slow machines). Pinning is
+    paid at a shape's first call only (DecodeState keeps the cache for same-shaped calls):
+    OPT-30B's first batch-96 call, which pins 72 GB, ran 1.4 s longer than the next (the H100
+    machine, docs/benchmarks.md). The layers are registered side by side
+    (_pinned_host_cache); if pinning fails, a warning says so and the cache is pageable, as on
+    a CPU device: zeroed here on all of torch's threads, so the pages are faulted in now, not
+    by the prefill's cache writes, and the prompt's keys reach it through the writer thread."""
     kv_dtype = check_kv_dtype(kv_dtype)
     shape = (batch, cfg.num_kv_heads, tokens, cfg.head_dim)
-    pinned = None  # layer -> its pinned k, v
-    if host_layers and device.type == "cuda" and kv_dtype is None:
+    # a layer's tensors: k, v [shape], and for int8 their scales [shape[:3]]
+    tensors = [(shape, dtype), (shape, dtype)]
+    if kv_dtype == "int8":
+        tensors = [(shape, torch.int8)] * 2 + [(shape[:3], torch.float32)] * 2
+    pinned = None  # layer -> its pinned tensors
+    if host_layers and device.type == "cuda":
         layers = [i for i in range(cfg.num_layers) if i in host_layers]
-        pinned = _pinned_host_cache(shape, dtype, layers)
+        pinned = _pinned_host_cache(tensors, layers)
 
     def zeros(size: tuple[int, ...], dt: torch.dtype, host: bool) -> torch.Tensor:
         if not host:
@@ -110,34 +114,31 @@ def new_kv_cache(
 
     def layer(i: int) -> LayerKV:
         on_host = i in host_layers
-        if kv_dtype == "int8":
-            return LayerKV(zeros(shape, torch.int8, on_host), zeros(shape, torch.int8, on_host),
-                           zeros(shape[:3], torch.float32, on_host),
-                           zeros(shape[:3], torch.float32, on_host), on_host)  # fmt: skip
         if on_host and pinned is not None:
-            return LayerKV(*pinned[i], host=True, pinned=True)
-        return LayerKV(zeros(shape, dtype, on_host), zeros(shape, dtype, on_host), host=on_host)
+            return LayerKV(*pinned[i], host=True, pinned=True)  # type: ignore[arg-type]
+        return LayerKV(*(zeros(size, dt, on_host) for size, dt in tensors),  # type: ignore[arg-type]
+                       host=on_host)  # fmt: skip
 
     return [layer(i) for i in range(cfg.num_layers)]
 
 
 def _pinned_host_cache(
-    shape: tuple[int, ...], dtype: torch.dtype, layers: list[int]
-) -> dict[int, tuple[torch.Tensor, torch.Tensor]] | None:
-    """Layer -> its k, v [shape], page-locked; None (with a warning) where pinning fails.
-    cudaHostRegister runs ~20 GB/s on one thread, so a PinnedArena registers the tensors side by
-    side, PIN_THREADS at a time, one chunk each (the arena logs the time it took). Not zeroed:
-    fresh anonymous pages are zero, and registration faults every one in."""
-    nbytes = math.prod(shape) * dtype.itemsize
-    count = 2 * len(layers)
+    tensors: list[tuple[tuple[int, ...], torch.dtype]], layers: list[int]
+) -> dict[int, tuple[torch.Tensor, ...]] | None:
+    """Layer -> its tensors (`tensors`: each one's shape and dtype), page-locked; None (with a
+    warning) where pinning fails. cudaHostRegister runs ~20 GB/s on one thread, so a PinnedArena
+    registers them side by side, PIN_THREADS at a time, a chunk per k or v (an int8 cache's two
+    scales share one; the arena logs the time it took). Not zeroed: fresh anonymous pages are
+    zero, and registration faults every one in."""
+    sizes = [math.prod(shape) * dt.itemsize for shape, dt in tensors]
     try:
-        arena = PinnedArena([nbytes] * count, pin=True, chunk_bytes=align_up(nbytes),
+        arena = PinnedArena(sizes * len(layers), pin=True, chunk_bytes=align_up(max(sizes)),
                             threads=PIN_THREADS)  # fmt: skip
     except RuntimeError as e:  # the chunks pinned so far unpin as they are freed
         log.warning("zeroinf: pinning the host KV cache (%s) failed (%s): it stays pageable, "
                     "and the prompt's keys reach it through the writer thread",
-                    fmt_bytes(count * nbytes), e)  # fmt: skip
+                    fmt_bytes(sum(sizes) * len(layers)), e)  # fmt: skip
         return None
     # the slots keep their chunks' memory once the arena is gone
-    tensors = [arena.alloc(nbytes).view(dtype).view(shape) for _ in range(count)]
-    return {i: (tensors[2 * n], tensors[2 * n + 1]) for n, i in enumerate(layers)}
+    return {i: tuple(arena.alloc(n).view(dt).view(shape) for n, (shape, dt) in
+                     zip(sizes, tensors, strict=True)) for i in layers}  # fmt: skip

@@ -35,8 +35,8 @@ ENV_CACHE_DIR = "ZEROINF_CACHE_DIR"
 CACHE_FILE = "probe.json"
 # /2: CPU attention is the host KV tier's own code, int8 too; /3: its native decode kernel;
 # /4: decode-like attention shape, and attention and H2D measured beside each other; working
-# sets the last-level cache cannot hold
-CACHE_FORMAT = "zeroinf-probe/4"
+# sets the last-level cache cannot hold; /5: an int8 cache's attention by the native kernel
+CACHE_FORMAT = "zeroinf-probe/5"
 DISK_BYTES = 1 << 30  # read at most this much of a folder's largest files (about 1 s on NVMe)
 
 

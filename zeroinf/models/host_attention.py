@@ -4,7 +4,7 @@ call models.layers.attend, which comes here for a cache whose LayerKV.host is se
 this module when it first does: this module uses layers' sdpa).
 
 Per layer and step: q, k, v (and the step's mask) go to the host through pinned staging buffers;
-a decode step over a 16-bit or float32 cache then runs the native kernel (native/host_attn.c),
+a decode step then runs the native kernel (native/host_attn.c),
 which writes k, v into the cache and attends in one pass over each (row, kv head)'s keys and
 values on all of torch's intra-op threads. On a GPU the kernel is queued in the compute stream
 as a host function, after those copies and before the output's copy back: no host sync, and
@@ -12,9 +12,10 @@ the calling thread queues the next layers meanwhile (InFlight keeps the buffers 
 executor waits for it all at the end of each pass). The kernel is bound by host memory bandwidth
 (106 GB/s at OPT-30B's batch-96 step on the H100 machine's 16 cores, against 50-61 GB/s for
 torch's CPU SDPA, which converts 16-bit inputs far below memory speed: docs/benchmarks.md).
-Anything else (an int8 cache, a chunk of several tokens over earlier entries) writes with
-write_kv (int8 quantized by the float32 torch reference, kernels.kv_quant) and attends with
-torch SDPA on the CPU in chunks of rows and kv heads, so that temporaries (keys dequantized or
+An int8 cache is read by the same kernel (int8 and its scales, dequantized in registers;
+this step's k, v quantized as written, as kernels.kv_quant's reference does). Anything else (a
+chunk of several tokens over earlier entries) writes with write_kv and attends with torch SDPA
+on the CPU in chunks of rows and kv heads, so that temporaries (keys dequantized or
 expanded for GQA) stay under CHUNK_BYTES. Without the native module (no compiler at install) a
 warning says so once and torch's path serves every step. The output [B, S, H * D] goes back to
 the compute device without a sync (stream-ordered, from a pinned buffer). The GPU waits for
@@ -22,8 +23,8 @@ each layer's host attention; the prefetcher's copy stream keeps streaming weight
 (engine/costmodel.py models that, and that both read host memory). A prompt that sees no
 earlier cache entry is the exception: its attention stays on the GPU and only its keys and
 values go to the host without a host sync (see attend_host): by the copy engine straight into
-a pinned cache (CacheDMA, models/host_transfer.py: a GPU's 16-bit or float32 cache), else
-written by HostWriter's thread (a CPU device, an int8 cache, or a cache that could not be
+a pinned cache (CacheDMA, models/host_transfer.py: a GPU's cache; int8 quantized on the
+device first), else written by HostWriter's thread (a CPU device, or a cache that could not be
 pinned).
 
 The arithmetic is models.layers.attend's: the same cache writes, the same keys (a prefill over
@@ -52,6 +53,7 @@ log = logging.getLogger("zeroinf")
 
 CHUNK_BYTES = 64 << 20  # temporaries of one chunk of (rows x kv heads)
 NATIVE_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # native/host_attn.c
+NATIVE_INT8 = 3  # its code for an int8 cache (the cache's storage only)
 
 
 def _load_native() -> ModuleType | None:
@@ -93,7 +95,7 @@ def attend_host(
         # keys go to the host, without a host sync, while the device goes on: by the copy
         # engine into a pinned cache, else through the writer thread (both waited for before
         # the cache is read).
-        if kv.pinned:  # new_kv_cache pins only a 16-bit or float32 cache for a CUDA device
+        if kv.pinned:  # new_kv_cache pins a host cache for a CUDA device
             cache_dma.submit(kv, k, v, start)
         else:
             writer.submit(kv, k, v, start)
@@ -269,11 +271,12 @@ def native_decode(
     stream: torch.cuda.Stream | None = None,
 ) -> bool:
     """attend_cached through native/host_attn.c where it applies (one query token per row, a
-    16-bit or float32 cache read as written, every tensor with its last dim contiguous; q, out,
-    new and the cache of one dtype); False where it does not (nothing done, nothing written).
-    new: this step's k, v [B, Hkv, 1, D], written at cache index end - 1 before the attention,
-    in the same pass. A row with no visible position gets zeros (the step's own key is always
-    visible in a decode step). portable: the kernel's plain-C path even where the CPU has AVX2
+    16-bit or float32 cache read as written or an int8 one with its scales, every tensor with
+    its last dim contiguous; q, out, new and an unquantized cache of one dtype); False where it
+    does not (nothing done, nothing written). new: this step's k, v [B, Hkv, 1, D], written at
+    cache index end - 1 before the attention, in the same pass (quantized as write_kv would).
+    A row with no visible position gets zeros (the step's own key is always visible in a
+    decode step). portable: the kernel's plain-C path even where the CPU has AVX2
     (for tests); ahead: its software prefetch distance in rows.
     stream: queue the kernel in this CUDA stream instead of running it now (the buffers must
     then outlive it: InFlight)."""
@@ -281,9 +284,13 @@ def native_decode(
     k, v = kv.k, kv.v
     Hkv = k.shape[1]
     code = NATIVE_DTYPES.get(q.dtype)
-    tensors = (k, v, out) + (new or ())
-    if (S != 1 or fresh is not None or kv.quantized or code is None or native is None
+    tensors = (out,) + (new or ()) + (() if kv.quantized else (k, v))
+    scales = (kv.k_scale, kv.v_scale) if kv.quantized else ()
+    if (S != 1 or fresh is not None or code is None or native is None
             or not all(x.dtype == q.dtype and x.stride(-1) == 1 for x in tensors)
+            or (kv.quantized and not (k.dtype == v.dtype == torch.int8 and k.stride(-1) == 1
+                                      and v.stride(-1) == 1))
+            or not all(x.dtype == torch.float32 and x.stride(-1) == 1 for x in scales)
             or q.stride(-1) != 1 or mask.dtype != torch.bool or mask.stride(-1) != 1
             or end > k.shape[2]
             or (new is not None and any(x.shape != (B, Hkv, 1, D) for x in new))):  # fmt: skip
@@ -298,6 +305,10 @@ def native_decode(
          vn.stride(0), vn.stride(1)),
         code, scale, torch.get_num_threads(), portable, ahead,
     )  # fmt: skip
+    if kv.quantized:
+        ks, vs = scales
+        args += (NATIVE_INT8, (ks.data_ptr(), vs.data_ptr(), ks.stride(0), ks.stride(1),
+                               vs.stride(0), vs.stride(1)))  # fmt: skip
     if stream is None:
         native.decode(*args)  # type: ignore[attr-defined]
     else:

@@ -1,7 +1,7 @@
 """Moving the host KV tier's tensors between the device and host memory (models/host_attention.py
 uses them): to_host's pinned staging copies; CacheDMA, which has the copy engine put a
-prompt's keys and values straight into a pinned host cache; and HostWriter, which puts them
-into a pageable (or int8) one off the calling thread.
+prompt's keys and values straight into a pinned host cache (an int8 one's quantized on the
+device first); and HostWriter, which puts them into a pageable one off the calling thread.
 
 The host KV tier, not the prefetcher, owns these side streams, their events and this staging:
 they serve a KV cache whose use ends with each pass, not the units' weights the prefetcher
@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from kernels.kv_quant import quantize_kv
 from zeroinf.models.base import LayerKV
 from zeroinf.models.layers import copy_wide, write_kv
 
@@ -213,11 +214,21 @@ def copy_to_cache_async(
 ) -> int:
     """Queue on `stream` the copies of k, v [B, Hkv, S, D] (CUDA, any strides, computed before
     `stream`'s work) into the pinned host cache kv.k, kv.v [B, Hkv, T, D] at indices
-    start .. start+S-1: one 2D copy each by the copy engine (cache_copy_2d), no host sync.
+    start .. start+S-1: one 2D copy each by the copy engine (cache_copy_2d), no host sync. An
+    int8 cache's are quantized on `stream` first (kernels.kv_quant: write_kv's bytes), and
+    their scales [B, Hkv, S] copied as [B, Hkv, S, 1] into kv.k_scale, kv.v_scale [B, Hkv, T].
     Returns the bytes queued."""
     queued = 0
     with torch.cuda.stream(stream):  # the stream's device current: the driver's context
-        for cache, x in ((kv.k, k), (kv.v, v)):
+        pairs = ((kv.k, k), (kv.v, v))
+        if kv.quantized:
+            assert kv.k_scale is not None and kv.v_scale is not None
+            (kq, ks), (vq, vs) = quantize_kv(k), quantize_kv(v)
+            for t in (k, v):  # read on `stream`: not reused before it is done
+                t.record_stream(stream)
+            pairs = ((kv.k, kq), (kv.v, vq), (kv.k_scale.unsqueeze(-1), ks.unsqueeze(-1)),
+                     (kv.v_scale.unsqueeze(-1), vs.unsqueeze(-1)))  # fmt: skip
+        for cache, x in pairs:
             src = packed(x, cache.dtype)  # [B, Hkv, S, D]
             args = device_to_host_2d(src.data_ptr(), cache_copy_2d(cache, start, x.shape))
             err = _memcpy_2d_async()(ctypes.byref(args), stream.cuda_stream)
