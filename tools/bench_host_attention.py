@@ -114,14 +114,16 @@ def load_module(path: Path) -> ModuleType:
 
 
 def kernel_sweep(
-    b: int, h: int, t: int, d: int, cuda: torch.device | None, baseline: Path | None = None
-) -> list[tuple]:
+    b: int, h: int, t: int, d: int, cuda: torch.device | None, baseline: Path | None = None,
+    kv_dtype: str | None = None,
+) -> list[tuple]:  # fmt: skip
     """(name, GB/s alone, GB/s beside H2D, H2D GB/s beside it) of the native kernel at
-    several software prefetch distances over one fp16 cache; with `baseline`, that build's at
-    0 and 8 rows too, in turn with this one's (machines differ more than kernels do)."""
-    kv = cache(b, h, t, d, torch.float16)
+    several software prefetch distances over one fp16 cache (or an int8 one, with its scales);
+    with `baseline`, that build's at 0 and 8 rows too, in turn with this one's (machines
+    differ more than kernels do)."""
+    kv = cache(b, h, t, d, torch.float16, kv_dtype)
     q, mask, out = decode_inputs(b, h, t, d, torch.float16)
-    nbytes = kv.k.nbytes + kv.v.nbytes
+    nbytes = sum(x.nbytes for x in (kv.k, kv.v, kv.k_scale, kv.v_scale) if x is not None)
     current = ha.native
     variants = [("", current, a) for a in (0, 4, 8, 16, 32)]
     if baseline is not None:
@@ -134,7 +136,7 @@ def kernel_sweep(
         def run(ahead: int = ahead) -> None:
             assert ha.native_decode(q, kv, t, mask, d**-0.5, out, ahead=ahead)
 
-        name = f"{label}prefetch {ahead} rows ahead"
+        name = f"{label}{kv_dtype or 'fp16'}, prefetch {ahead} rows ahead"
         ha.native = module
         alone, beside, copied = alone_and_beside(run, nbytes, cuda)
         ha.native = current
@@ -272,6 +274,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="the tier's own fp16 path only")
     ap.add_argument("--sweep", action="store_true", help="only the native kernel's variants")
     ap.add_argument("--baseline", type=Path, help="with --sweep: another build of the kernel (.so)")
+    ap.add_argument("--kv-dtype", choices=["int8"], help="with --sweep: over an int8 cache")
     ap.add_argument(
         "--footprint",
         action="store_true",
@@ -292,7 +295,8 @@ def main() -> None:
         if a.footprint:
             sweep = footprint(a.batch, a.heads, a.ctx, a.head_dim, cuda)
         else:
-            sweep = kernel_sweep(a.batch, a.heads, a.ctx, a.head_dim, cuda, a.baseline)
+            sweep = kernel_sweep(a.batch, a.heads, a.ctx, a.head_dim, cuda, a.baseline,
+                                 a.kv_dtype)  # fmt: skip
             if cuda is not None:
                 sweep += queued_vs_direct(a.batch, a.heads, a.ctx, a.head_dim, cuda)
         print("\n| kernel variant | alone GB/s | beside H2D GB/s | H2D beside it GB/s |")
