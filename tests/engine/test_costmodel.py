@@ -16,6 +16,7 @@ from zeroinf.engine.costmodel import (
     Budgets,
     ModelSize,
     Workload,
+    _fit,
     batch_grid,
     choose_plan,
     predict,
@@ -231,3 +232,18 @@ def test_nvme_streams_at_the_disk() -> None:
 def test_batch_grid() -> None:
     assert batch_grid(1) == [1]
     assert batch_grid(100) == [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 100]
+
+
+def test_workspace_counts_the_prefills_waiting_chunks() -> None:
+    """Executor.forward keeps every prefill chunk's hidden states [rows, P, hidden] on the device
+    while a unit serves the chunks in turn: the plan reserves the chunks beyond the workspace's
+    one (OPT-30B's shape, batch 192, P 512, chunks of 4 rows: 188 rows waiting, 1.31 GiB, which
+    the int8 host tier's 24 GiB plan had left out: peak 26.5 GB). One chunk waits for nothing."""
+    size = model_size(48, 7168, 56, 56, 28672, 50272)
+    work = Workload(prompt_len=512, gen_len=32, prefill_tokens=2048)
+    budgets = Budgets(gpu=24 << 30)
+    for batch, waiting in ((192, 188), (96, 92), (4, 0), (3, 0)):
+        plan = _fit(size, work, budgets, "cuda", batch, batch, 2, "cpu")
+        one_chunk = workspace_bytes(size.cfg, 2, min(batch, 4) * 512, rows=batch)
+        assert plan.workspace == one_chunk + waiting * 512 * 7168 * 2
+        assert plan.gpu_bytes <= budgets.gpu

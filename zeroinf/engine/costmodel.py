@@ -172,6 +172,14 @@ def workspace_bytes(cfg: ModelConfig, itemsize: int, tokens: int, rows: int = 25
     )
 
 
+def carried_bytes(size: ModelSize, batch: int, chunk_rows: int, prompt_len: int) -> int:
+    """Device bytes of the prefill's other chunks' hidden states [rows, P, hidden], which wait
+    on the device while a unit serves each chunk in turn (Executor.forward keeps every chunk's
+    output between units): beyond the workspace's one chunk. OPT-30B's batch 192 at P = 512:
+    1.3 GiB, which the 24 GiB plan of the int8 host tier had not counted (peak 26.5 GB)."""
+    return max(0, batch - chunk_rows) * prompt_len * size.cfg.hidden_size * size.itemsize
+
+
 def _splits(rows: int, per: int) -> list[int]:
     """rows cut into parts of `per` (the last one shorter), as generate() cuts them."""
     return [per] * (rows // per) + ([rows % per] if rows % per else [])
@@ -356,8 +364,11 @@ def _fit(
     tier, and for `device_layers` layers of the "split" tier) and activation workspace.
     PlanError if nothing fits the GPU, the CPU or the host budget."""
     p = work.prompt_len
-    tokens = max(min(batch, max(1, work.prefill_tokens // p)) * p, micro)  # [rows, tokens]
-    ws = workspace_bytes(size.cfg, size.itemsize, tokens, rows=batch)
+    chunk_rows = max(1, work.prefill_tokens // p)  # as the executor cuts the prefill
+    tokens = max(min(batch, chunk_rows) * p, micro)  # [rows, tokens]
+    ws = workspace_bytes(size.cfg, size.itemsize, tokens, rows=batch) + carried_bytes(
+        size, batch, chunk_rows, p
+    )
     layers = size.cfg.num_layers
     kv = batch * (p + work.gen_len) * size.kv_token_bytes
     on_device = {"gpu": layers, "cpu": 0, "split": device_layers}[kv_tier]
