@@ -343,11 +343,14 @@ def test_units_compute_in_order_as_their_copies_arrive() -> None:
 
 
 def test_beside_rates() -> None:
-    """Each at the rate the probe measured beside the other; unmeasured, its own."""
+    """Each at the rate the probe measured beside the other (5 and 6 of a shared 11); the link
+    takes what a slower attention leaves of the 11, up to its own rate; unmeasured, its own."""
     r = dataclasses.replace(FAST_CPU, cpu_attn_bytes_per_s=10, h2d_bytes_per_s=10,
                             cpu_attn_h2d_bytes_per_s=5, h2d_cpu_attn_bytes_per_s=6)  # fmt: skip
     assert costmodel._beside_rates(10.0, 10.0, r) == pytest.approx((5.0, 6.0))
-    assert costmodel._beside_rates(2.0, 10.0, r) == pytest.approx((1.0, 6.0))  # int8's rate, scaled
+    assert costmodel._beside_rates(8.0, 10.0, r) == pytest.approx((4.0, 7.0))  # in-run share
+    assert costmodel._beside_rates(2.0, 10.0, r) == pytest.approx((1.0, 10.0))  # int8's, scaled
+    assert costmodel._beside_rates(10.0, 5.0, r) == pytest.approx((5.0, 5.0))  # its own cap
     assert costmodel._beside_rates(10.0, 10.0, FAST_CPU) == (10.0, 10.0)
 
 
