@@ -114,6 +114,11 @@ class Workload:
     prefill_tokens: int = 2048  # the prefill runs in chunks of rows of at most this many tokens
     max_batch: int = 1024  # the search's cap on rows
 
+    @property
+    def prefill_rows(self) -> int:
+        """Rows per prefill chunk, as the executor cuts the prefill."""
+        return max(1, self.prefill_tokens // self.prompt_len)
+
     def __post_init__(self) -> None:
         for name in ("prompt_len", "gen_len", "prefill_tokens", "max_batch"):
             if getattr(self, name) < 1:
@@ -172,12 +177,13 @@ def workspace_bytes(cfg: ModelConfig, itemsize: int, tokens: int, rows: int = 25
     )
 
 
-def carried_bytes(size: ModelSize, batch: int, chunk_rows: int, prompt_len: int) -> int:
+def carried_bytes(size: ModelSize, batch: int, work: Workload) -> int:
     """Device bytes of the prefill's other chunks' hidden states [rows, P, hidden], which wait
     on the device while a unit serves each chunk in turn (Executor.forward keeps every chunk's
     output between units): beyond the workspace's one chunk. OPT-30B's batch 192 at P = 512:
     1.3 GiB, which the 24 GiB plan of the int8 host tier had not counted (peak 26.5 GB)."""
-    return max(0, batch - chunk_rows) * prompt_len * size.cfg.hidden_size * size.itemsize
+    waiting = max(0, batch - work.prefill_rows)
+    return waiting * work.prompt_len * size.cfg.hidden_size * size.itemsize
 
 
 def _splits(rows: int, per: int) -> list[int]:
@@ -318,8 +324,7 @@ def predict(
         extra = _host_prefill_s(size, host_share) if host_share else 0.0
         return _compute_s(size, rates, rows, p, p) + extra
 
-    chunk = max(1, work.prefill_tokens // p)
-    prefill_compute = sum(prefill_s(r) for r in _splits(batch, chunk))
+    prefill_compute = sum(prefill_s(r) for r in _splits(batch, work.prefill_rows))
     if host_share:  # the prompt's keys and values go down beside the compute (a side stream)
         down = size.cost.kv_bytes(batch, p) * host_share / rates.d2h_bytes_per_s
         prefill_compute = max(prefill_compute, down)
@@ -371,11 +376,9 @@ def _fit(
     tier, and for `device_layers` layers of the "split" tier) and activation workspace.
     PlanError if nothing fits the GPU, the CPU or the host budget."""
     p = work.prompt_len
-    chunk_rows = max(1, work.prefill_tokens // p)  # as the executor cuts the prefill
-    tokens = max(min(batch, chunk_rows) * p, micro)  # [rows, tokens]
-    ws = workspace_bytes(size.cfg, size.itemsize, tokens, rows=batch) + carried_bytes(
-        size, batch, chunk_rows, p
-    )
+    tokens = max(min(batch, work.prefill_rows) * p, micro)  # [rows, tokens]
+    ws = workspace_bytes(size.cfg, size.itemsize, tokens, rows=batch)
+    ws += carried_bytes(size, batch, work)
     layers = size.cfg.num_layers
     kv = batch * (p + work.gen_len) * size.kv_token_bytes
     on_device = {"gpu": layers, "cpu": 0, "split": device_layers}[kv_tier]

@@ -356,26 +356,31 @@ class Prefetcher:
             j = ev[k][0]
             idle[j] = idle.get(j, 0.0) + ev[k - 1][3].elapsed_time(ev[k][1]) / 1e3
         worst = sorted(idle.items(), key=lambda kv: -kv[1])[:4]
-        # each decode copy's own rate: is the link slow throughout, or are some copies slow
-        # (and which units' copies: the median rate per unit, the slowest three)?
-        per_unit: dict[int, list[float]] = {}
-        for j, a, _, c in ev[n:]:
-            per_unit.setdefault(j, []).append(self.units[j].nbytes / (a.elapsed_time(c) / 1e3))
-        rates = sorted(r for rs in per_unit.values() for r in rs)
-        spread = [rates[int(q * (len(rates) - 1))] for q in (0.1, 0.5, 0.9)] if rates else []
-        by_unit = sorted((statistics.median(rs), j) for j, rs in per_unit.items())[:3]
         out: dict[str, Any] = {
             "copies": len(ev),
             "copy_bytes_per_s": nbytes / busy,
-            "decode_copy_bytes_per_s_p10_p50_p90": [] if self.group else spread,
-            "decode_slowest_units": {}
-            if self.group
-            else {self.units[j].name: round(r / 1e9, 1) for r, j in by_unit},
+            "decode_copy_bytes_per_s_p10_p50_p90": [],
+            "decode_slowest_units": {},
             "busy_fraction": busy / span,
             "decode_idle_s": sum(idle.values()),
             "decode_idle_before": {self.units[j].name: round(t, 4) for j, t in worst},
         }
-        if self.group:
+        if not self.group:
+            # each decode copy's own rate: is the link slow throughout, or are some copies slow
+            # (and which units' copies: the median rate per unit, the slowest three)?
+            per_unit: dict[int, list[float]] = {}
+            for j, a, _, c in ev[n:]:
+                rate = self.units[j].nbytes / (a.elapsed_time(c) / 1e3)
+                per_unit.setdefault(j, []).append(rate)
+            rates = sorted(r for rs in per_unit.values() for r in rs)
+            if rates:
+                out["decode_copy_bytes_per_s_p10_p50_p90"] = [
+                    rates[int(q * (len(rates) - 1))] for q in (0.1, 0.5, 0.9)
+                ]
+            by_unit = sorted((statistics.median(rs), j) for j, rs in per_unit.items())[:3]
+            slowest = {self.units[j].name: round(r / 1e9, 1) for r, j in by_unit}
+            out["decode_slowest_units"] = slowest
+        else:
             h2d = sum(a.elapsed_time(b) for _, a, b, _ in ev) / 1e3
             gather = [b.elapsed_time(c) / 1e3 for _, _, b, c in ev]
             out["h2d_bytes_per_s"] = nbytes / h2d

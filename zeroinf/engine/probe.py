@@ -205,7 +205,7 @@ def random_host_cache(
     """One layer's host ("cpu" tier) cache of [b, h, t, d] random keys and values in `dtype`, or
     int8 with scales 0.01: what host attention is timed over (here, and by
     tools/bench_host_attention.py); `like`: a copy of that cache instead (fast). `device`: the
-    compute device the cache serves (default the CPU; new_kv_cache pins a 16-bit cache for a
+    compute device the cache serves (default the CPU; new_kv_cache pins a host cache for a
     CUDA device)."""
     from zeroinf.engine.kvcache import new_kv_cache
     from zeroinf.models import ModelConfig

@@ -21,9 +21,8 @@ from typing import Any
 
 import torch
 
-from kernels.kv_quant import quantize_kv
 from zeroinf.models.base import LayerKV
-from zeroinf.models.layers import copy_wide, write_kv
+from zeroinf.models.layers import copy_wide, kv_pairs, write_kv
 
 
 def to_host(*xs: torch.Tensor, sync: bool = True) -> list[torch.Tensor]:
@@ -220,15 +219,12 @@ def copy_to_cache_async(
     Returns the bytes queued."""
     queued = 0
     with torch.cuda.stream(stream):  # the stream's device current: the driver's context
-        pairs = ((kv.k, k), (kv.v, v))
-        if kv.quantized:
-            assert kv.k_scale is not None and kv.v_scale is not None
-            (kq, ks), (vq, vs) = quantize_kv(k), quantize_kv(v)
-            for t in (k, v):  # read on `stream`: not reused before it is done
+        if kv.quantized:  # quantized on `stream`, which reads k, v: not reused before it is done
+            for t in (k, v):
                 t.record_stream(stream)
-            pairs = ((kv.k, kq), (kv.v, vq), (kv.k_scale.unsqueeze(-1), ks.unsqueeze(-1)),
-                     (kv.v_scale.unsqueeze(-1), vs.unsqueeze(-1)))  # fmt: skip
-        for cache, x in pairs:
+        for cache, x in kv_pairs(kv, k, v):
+            if x.dim() == 3:  # scales [B, Hkv, S] as [B, Hkv, S, 1]
+                cache, x = cache.unsqueeze(-1), x.unsqueeze(-1)
             src = packed(x, cache.dtype)  # [B, Hkv, S, D]
             args = device_to_host_2d(src.data_ptr(), cache_copy_2d(cache, start, x.shape))
             err = _memcpy_2d_async()(ctypes.byref(args), stream.cuda_stream)

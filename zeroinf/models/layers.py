@@ -221,19 +221,25 @@ def sdpa(
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
 
 
+def kv_pairs(
+    kv: LayerKV, k: torch.Tensor, v: torch.Tensor
+) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+    """(cache tensor, what goes into it) for k, v [B, Hkv, S, D]: (kv.k, k), (kv.v, v), or for
+    an int8 cache the quantized values and their scales [B, Hkv, S] beside kv.k_scale,
+    kv.v_scale (kernels.kv_quant, on k's device)."""
+    if not kv.quantized:
+        return ((kv.k, k), (kv.v, v))
+    assert kv.k_scale is not None and kv.v_scale is not None
+    (kq, ks), (vq, vs) = quantize_kv(k), quantize_kv(v)
+    return ((kv.k, kq), (kv.k_scale, ks), (kv.v, vq), (kv.v_scale, vs))
+
+
 def write_kv(
     kv: LayerKV, k: torch.Tensor, v: torch.Tensor, start: int, index: torch.Tensor | None = None
 ) -> None:
     """k, v [B, Hkv, S, D] into the cache at indices start .. start+S-1, or at `index` [S]
     (the whole-cache form, Context.write_index); int8 caches quantize them first."""
-    if kv.quantized:
-        assert kv.k_scale is not None and kv.v_scale is not None
-        kq, ks = quantize_kv(k)
-        vq, vs = quantize_kv(v)
-        pairs = ((kv.k, kq), (kv.k_scale, ks), (kv.v, vq), (kv.v_scale, vs))
-    else:
-        pairs = ((kv.k, k), (kv.v, v))
-    for cache, x in pairs:  # cache [B, Hkv, T_max, ...], x [B, Hkv, S, ...]
+    for cache, x in kv_pairs(kv, k, v):  # cache [B, Hkv, T_max, ...], x [B, Hkv, S, ...]
         x = x.to(cache.dtype)
         if index is None:
             copy_wide(cache[:, :, start : start + x.shape[2]], x)
