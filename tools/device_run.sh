@@ -2,7 +2,7 @@
 # One call on the GPU machine: build the native reader, check, and measure, stage by stage.
 #   bash tools/device_run.sh [STAGE ...]      (default: build models kernels io b32 b96 nvme)
 # Stages: build models kernels io gputest b32 b32w b32t b96 b96w b96wt b96m nvme ttft q30 q30e q30kv p30
-#   p30r p30kv p30kvc p30c p30p3 p30cp p30old copyc hattn hattns hattns8 hattnab hattnfp hattnq hread profh profhp
+#   p30r p30kv p30kvc p30c p30p3 p30cp p30old copyc hattn hattns hattns8 hthreads hlayout hattnab hattnfp hattnq hread profh profhp
 #   profht profp prof profb96 pgemm h2dk h2ds pelem gpuhkv refill mgputest mgpu (see docs/benchmarks.md).
 # Every stage's output goes to $OUT/all.log; JSON results to $OUT/*.json; a table comes last.
 set -u
@@ -90,6 +90,14 @@ print(write_shape('llama-2-7b', torch.float16, '$NVME'))"
     pgemm) run pgemm 200 python tools/bench_prefill_gemm.py --json "$OUT/pgemm.json" ;;  # issue 7
     hattn) run hattn 300 python tools/bench_host_attention.py --json "$OUT/hattn.json" ;;  # issue 7
     hattns) run hattns 200 python tools/bench_host_attention.py --sweep --json "$OUT/hattns.json" ;;
+    # who holds the cores while the kernel runs beside H2D: direct / queued, by thread count,
+    # the driver's default waits and blocking ones
+    hthreads) run hthreads 200 python tools/bench_host_threads.py --json "$OUT/hthreads.json"
+      run hthreadsb 200 python tools/bench_host_threads.py --blocking-sync \
+        --json "$OUT/hthreadsb.json" ;;
+    # the kernel and torch's sum over separate / interleaved k, v, 6 GB and 48 GB, beside H2D
+    # from one 256 MiB buffer and from 16 in turn
+    hlayout) run hlayout 400 python tools/bench_host_layout.py --json "$OUT/hlayout.json" ;;
     hattns8) run hattns8 200 python tools/bench_host_attention.py --sweep --kv-dtype int8 \
       --json "$OUT/hattns8.json" ;;  # the same over an int8 cache
     # the kernel against the one at build/baseline/host_attn.c (copy it there and carry build/baseline)

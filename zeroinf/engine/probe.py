@@ -355,11 +355,14 @@ def measure_host_memory(
 
 
 def concurrent_with_h2d(
-    fn: Callable[[], Any], device: torch.device, seconds_: float, nbytes: int = 256 << 20
-) -> tuple[float, float]:
+    fn: Callable[[], Any], device: torch.device, seconds_: float, nbytes: int = 256 << 20,
+    pieces: int = 1,
+) -> tuple[float, float]:  # fmt: skip
     """(H2D bytes/s, calls of `fn` per second) with pinned H2D copies of `nbytes` looping on a
-    side stream from another thread while `fn` runs again and again on this one."""
-    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    side stream from another thread while `fn` runs again and again on this one; the copies
+    read `pieces` host buffers in turn (several: more than the last-level cache holds, as a
+    run's streamed weights are)."""
+    sources = [torch.empty(nbytes, dtype=torch.uint8, pin_memory=True) for _ in range(pieces)]
     dev = torch.empty(nbytes, dtype=torch.uint8, device=device)
     stream = torch.cuda.Stream(device)
     stop = threading.Event()
@@ -374,7 +377,7 @@ def concurrent_with_h2d(
         try:  # inference mode is per thread: `dev` may be an inference tensor
             with torch.inference_mode(), torch.cuda.stream(stream):
                 while not stop.is_set():
-                    dev.copy_(host, non_blocking=True)
+                    dev.copy_(sources[copies[0] % pieces], non_blocking=True)
                     done.record(stream)
                     done.synchronize()
                     copies[0] += 1
