@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: build the native reader, check, and measure, stage by stage.
 #   bash tools/device_run.sh [STAGE ...]      (default: build models kernels io b32 b96 nvme)
-# Stages: build models kernels io gputest b32 b32w b32t b96 b96w b96wt b96m nvme ttft q30 q30e q30kv p30
+# Stages: build models kernels io gputest b32 b32w b32t b96 b96w b96wt b96m nvme ttft q30 q30e q30kv p30 p30b
 #   p30r p30kv p30kvc p30c p30p3 p30cp p30old copyc hattn hattns hattns8 hthreads hlayout hattnab hattnfp hattnq hread profh profhp
 #   profht profp prof profb96 pgemm h2dk h2ds pelem gpuhkv refill mgputest mgpu (see docs/benchmarks.md).
 # Every stage's output goes to $OUT/all.log; JSON results to $OUT/*.json; a table comes last.
@@ -118,6 +118,7 @@ print(write_shape('llama-2-7b', torch.float16, '$NVME'))"
     hattnq) run hattnq 200 python tools/bench_host_attention.py --quick --json "$OUT/hattnq.json" ;;
     refill) run refill 570 python tools/bench_refill.py --json "$OUT/refill.json" ;;  # issue 9, ~6.5 min
     p30) bench p30 500 "${P30[@]}" ;;
+    p30b) bench p30b 500 "${P30[@]}" ;;  # p30 again in the same call (its own JSON)
     p30r) bench p30r 560 "${P30[@]}" --repeat 4 ;;  # p30, then 3 more calls on the same cache
     p30p3) bench p30p3 500 --trace "${P30[@]}" --prefetch 3 ;;  # the planner may take a third slot
     p30kv) bench p30kv 500 "${P30[@]}" --kv-dtype int8 ;;
