@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kernels.qmatmul import FUSED_MAX_ROWS
 from zeroinf.engine.costmodel import (
     LAUNCH_S,
     PASS_OVERHEAD_S,
@@ -178,6 +179,25 @@ def test_prediction_by_hand_compute_bound() -> None:
     assert one.decode_s == pytest.approx(step(4) + PASS_OVERHEAD_S)
     assert two.decode_s == pytest.approx(2 * step(2) + PASS_OVERHEAD_S)
     assert two.decode_s > one.decode_s
+
+
+def test_many_rows_pay_for_dequantizing_quantized_weights() -> None:
+    """Beyond FUSED_MAX_ROWS rows a quantized matmul writes its weights in 16 bits and reads
+    them back (kernels/qmatmul.py): 2 x itemsize bytes per quantized weight and prefill chunk
+    or decode micro-batch; a decode micro-batch within the fused kernel's rows pays nothing."""
+    size = model_size(2, 64, 4, 2, 128, 100)
+    q = dataclasses.replace(size, cost=dataclasses.replace(size.cost, quantized_params=10**6))
+    plan = make_plan(list(size.units), size.weight_bytes, "cpu", 2, "cpu")  # all resident
+    r = dataclasses.replace(H100, hbm_bytes_per_s=1e9)
+    work = Workload(prompt_len=128, gen_len=2, prefill_tokens=512)  # 4 rows a chunk
+    chunk = 2 * 2 * 10**6 / 1e9  # seconds per chunk: 2 bytes written, 2 read, per weight
+    for batch, chunks in ((4, 1), (12, 3)):
+        dense, quant = (predict(plan, s, r, work, batch) for s in (size, q))
+        assert quant.prefill_s - dense.prefill_s == pytest.approx(chunks * chunk)
+        assert quant.decode_s == pytest.approx(dense.decode_s)  # 4 or 12 rows: fused
+    wide = Workload(prompt_len=1, gen_len=2, prefill_tokens=1024)
+    dense, quant = (predict(plan, s, r, wide, FUSED_MAX_ROWS + 1) for s in (size, q))
+    assert quant.decode_s - dense.decode_s == pytest.approx(chunk)
 
 
 def test_one_slot_serialises_copy_and_compute() -> None:

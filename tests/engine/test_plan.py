@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from zeroinf.convert import Quantization
 from zeroinf.engine.plan import _ranges, make_plan
 from zeroinf.engine.roofline import Machine, ModelCost, roofline_seconds
 from zeroinf.errors import PlanError
 from zeroinf.format import Manifest, TensorEntry, UnitEntry
+from zeroinf.synthetic import SyntheticCheckpoint
 
 UNITS = [("embed", 100), *[(f"layers.{i}", 300) for i in range(8)], ("head", 120)]
 
@@ -145,6 +149,19 @@ def test_roofline_by_hand() -> None:
     m = Machine(stream_bytes_per_s=1000.0, flops=1e12, hbm_bytes_per_s=1e12)
     pre, dec = roofline_seconds(cost, streamed_bytes=500, machine=m, batch=2, prompt=3, new=4)
     assert pre == pytest.approx(0.5) and dec == pytest.approx(1.5)  # transfer-bound passes
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_params_are_the_quantized_weights_dense_sizes(bits: int) -> None:
+    """ModelCost.quantized_params: the elements of the weights the converter quantized (its
+    list), sized from the same shape's unquantized checkpoint; none without quantization."""
+    quantized = SyntheticCheckpoint("tiny-opt", torch.float16, quant=Quantization(bits, 32))
+    cost = ModelCost.from_manifest(quantized.manifest)
+    dense = SyntheticCheckpoint("tiny-opt", torch.float16).manifest
+    listed = set(quantized.manifest.quantization["tensors"])
+    sizes = {t.name: math.prod(t.shape) for u in dense.units for t in u.tensors}
+    assert listed and cost.quantized_params == sum(sizes[n] for n in listed)
+    assert ModelCost.from_manifest(dense).quantized_params == 0
 
 
 def test_roofline_with_the_cache_in_host_memory() -> None:

@@ -11,6 +11,8 @@ Per forward pass (the prefill, then one pass per decode step):
                 + KV read (rows_k x context x kv bytes per token)
                 + activations (ACT_TRAFFIC x activation bytes of a token in a layer x tokens_k
                   x layers)
+                + quantized weights written in 16 bits and read back where tokens_k exceeds
+                  the fused kernel's rows (dequant_bytes)
     overlap   = max(stream, compute) with two or more slots (the copy of unit j+1 runs while j
                 computes); max(stream + f x compute, compute) with one slot, f = the streamed
                 share of the weight bytes (a streamed unit's copy waits for the previous one's
@@ -47,6 +49,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kernels.qmatmul import FUSED_MAX_ROWS
 from zeroinf.engine.gather import gathered_bytes
 from zeroinf.engine.kvcache import kv_token_bytes
 from zeroinf.engine.plan import KV_TIERS, STREAMED_TIERS, Plan, layer_index, make_plan
@@ -191,6 +194,18 @@ def _splits(rows: int, per: int) -> list[int]:
     return [per] * (rows // per) + ([rows % per] if rows % per else [])
 
 
+def dequant_bytes(size: ModelSize, tokens: int) -> int:
+    """Device bytes a pass of `tokens` tokens per matmul moves to dequantize its quantized
+    weights: beyond FUSED_MAX_ROWS rows kernels/qmatmul.py writes each weight in 16 bits into
+    a workspace and cuBLAS reads it back (the quantized bytes are read as weight_bytes), once
+    per micro-batch or prefill chunk. OPT-30B int4 + int8 KV at batch 32 (q30kv, 8 chunks of
+    2048 tokens): 0.31 s of its prefill, which had been predicted 1.47 s against 1.92-1.97
+    measured (docs/benchmarks.md, nvidia-h100-x1, 2026-11-25)."""
+    if tokens <= FUSED_MAX_ROWS:
+        return 0  # the fused kernel expands the codes in registers
+    return 2 * size.itemsize * size.cost.quantized_params
+
+
 def _compute_s(
     size: ModelSize, rates: Rates, rows: int, seq: int, ctx: np.ndarray | int
 ) -> np.ndarray | float:
@@ -199,6 +214,7 @@ def _compute_s(
     flops = size.cost.pass_flops(rows, seq, ctx)
     hbm = (
         size.weight_bytes
+        + dequant_bytes(size, rows * seq)
         + size.kv_token_bytes * rows * ctx
         + ACT_TRAFFIC * act_token_bytes(size.cfg, size.itemsize) * rows * seq * size.cfg.num_layers
     )
@@ -217,7 +233,7 @@ def _host_device_s(
     device_kv = size.kv_token_bytes * rows * ctx * (1 - host_share)  # the device layers' cache
     device = (
         (size.cost.pass_flops(rows, 1, 0) + attn_flops * (1 - host_share)) / rates.flops
-        + (size.weight_bytes + act + device_kv) / rates.hbm_bytes_per_s
+        + (size.weight_bytes + dequant_bytes(size, rows) + act + device_kv) / rates.hbm_bytes_per_s
         + len(size.units) * LAUNCH_S
     )
     host_layers = cfg.num_layers * host_share

@@ -37,6 +37,9 @@ class ModelCost:
     head_dim: int
     itemsize: int
     kv_vector_bytes: int = 0  # bytes of one cached key (or value) vector; 0: head_dim * itemsize
+    # weights stored quantized (int4 / int8 .qweight) outside the head and the embedding: a
+    # matmul of many rows dequantizes them first (kernels/qmatmul.py's "dequant" path)
+    quantized_params: int = 0
 
     @classmethod
     def from_manifest(cls, m: Manifest) -> ModelCost:
@@ -44,7 +47,7 @@ class ModelCost:
         experts = c.get("num_local_experts") or 0
         active = (c.get("num_experts_per_tok") or 0) / experts if experts else 1.0
         params = 0.0
-        head = 0
+        head = quantized = 0
         for u in m.units:
             for t in u.tensors:
                 if len(t.shape) != 2 or t.name.endswith((".scales", ".zeros")):
@@ -56,6 +59,9 @@ class ModelCost:
                     head = max(head, n)
                 elif u.name != "embed":
                     params += n * (active if ".experts." in t.name else 1.0)
+                    # every expert: a prefill chunk routes more rows to each than the fused
+                    # kernel takes
+                    quantized += n if t.name.endswith(".qweight") else 0
         heads = c.get("num_attention_heads")
         hidden = c.get("hidden_size")
         return cls(
@@ -67,6 +73,7 @@ class ModelCost:
             kv_heads=c.get("num_key_value_heads") or heads,
             head_dim=c.get("head_dim") or hidden // heads,
             itemsize=DTYPES[m.dtype].itemsize,
+            quantized_params=quantized,
         )
 
     def pass_flops(self, batch: int, seq: int, context: int) -> float:
