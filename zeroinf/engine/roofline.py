@@ -59,8 +59,9 @@ class ModelCost:
                     head = max(head, n)
                 elif u.name != "embed":
                     params += n * (active if ".experts." in t.name else 1.0)
-                    # every expert: a prefill chunk routes more rows to each than the fused
-                    # kernel takes
+                    # every expert whole: a 2048-token prefill chunk routes ~512 rows to each
+                    # of Mixtral's 8 (top 2), past the fused kernel's 256 (a decode batch of
+                    # more than 256 rows routes fewer to each: counted whole, an overcount)
                     quantized += n if t.name.endswith(".qweight") else 0
         heads = c.get("num_attention_heads")
         hidden = c.get("hidden_size")
