@@ -146,16 +146,13 @@ def kernel_sweep(
     return rows
 
 
-def queued_vs_direct(
-    b: int, h: int, t: int, d: int, cuda: torch.device, layers: int = 4
-) -> list[tuple]:
-    """(name, GB/s alone, GB/s beside H2D, H2D GB/s beside it) of the kernel over `layers`
-    layers' caches in turn (more than the L3 holds), called from this thread, and queued in a
-    CUDA stream as the tier runs it in a decode step (host functions on the driver's thread,
-    synced once at the end): whether the run's path reads slower than the probe's."""
-    kvs = [cache(b, h, t, d, torch.float16) for _ in range(layers)]
+def direct_and_queued(
+    kvs: list[LayerKV], b: int, h: int, t: int, d: int, cuda: torch.device
+) -> tuple[Callable[[], None], Callable[[], None]]:
+    """The kernel over every layer's cache in `kvs` in turn: called from this thread, and
+    queued in a CUDA stream as the tier runs it in a decode step (host functions on the
+    driver's thread, synced once at the end)."""
     q, mask, out = decode_inputs(b, h, t, d, torch.float16)
-    nbytes = layers * (kvs[0].k.nbytes + kvs[0].v.nbytes)
     stream = torch.cuda.Stream(cuda)
     done = torch.cuda.Event(blocking=True)
 
@@ -169,6 +166,19 @@ def queued_vs_direct(
         done.record(stream)
         done.synchronize()
 
+    return direct, queued
+
+
+def queued_vs_direct(
+    b: int, h: int, t: int, d: int, cuda: torch.device, layers: int = 4
+) -> list[tuple]:
+    """(name, GB/s alone, GB/s beside H2D, H2D GB/s beside it) of the kernel over `layers`
+    layers' caches in turn (more than the L3 holds), called from this thread, and queued in a
+    CUDA stream as the tier runs it in a decode step (host functions on the driver's thread,
+    synced once at the end): whether the run's path reads slower than the probe's."""
+    kvs = [cache(b, h, t, d, torch.float16) for _ in range(layers)]
+    nbytes = layers * (kvs[0].k.nbytes + kvs[0].v.nbytes)
+    direct, queued = direct_and_queued(kvs, b, h, t, d, cuda)
     rows = []
     for name, run in (("called directly", direct), ("queued in a stream", queued),
                       ("called directly, again", direct)):  # fmt: skip

@@ -31,8 +31,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_host_attention import direct_and_queued  # noqa: E402
+
 from zeroinf.engine.probe import concurrent_with_h2d, random_host_cache  # noqa: E402
-from zeroinf.models import host_attention as ha  # noqa: E402
 
 GB = 1e9
 TICK = os.sysconf("SC_CLK_TCK")
@@ -90,23 +91,8 @@ def main() -> None:
     first = random_host_cache(b, h, t, d, torch.float16, device=cuda)
     kvs = [first] + [random_host_cache(b, h, t, d, torch.float16, like=first, device=cuda)
                      for _ in range(a.layers - 1)]  # fmt: skip
-    q = torch.randn(b, h, 1, d).to(torch.float16)
-    mask = torch.ones(b, 1, 1, t, dtype=torch.bool)
-    out = torch.empty(b, 1, h * d, dtype=torch.float16)
     nbytes = sum(kv.k.nbytes + kv.v.nbytes for kv in kvs)
-    stream = torch.cuda.Stream(cuda)
-    done = torch.cuda.Event(blocking=True)
-
-    def direct() -> None:
-        for kv in kvs:
-            assert ha.native_decode(q, kv, t, mask, d**-0.5, out)
-
-    def queued() -> None:
-        for kv in kvs:
-            assert ha.native_decode(q, kv, t, mask, d**-0.5, out, stream=stream)
-        done.record(stream)
-        done.synchronize()
-
+    direct, queued = direct_and_queued(kvs, b, h, t, d, cuda)
     flat = [x.view(-1).view(torch.float32) for kv in kvs for x in (kv.k, kv.v)]
 
     def total() -> None:
