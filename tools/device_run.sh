@@ -2,7 +2,7 @@
 # One call on the GPU machine: build the native reader, check, and measure, stage by stage.
 #   bash tools/device_run.sh [STAGE ...]      (default: build models kernels io b32 b96 nvme)
 # Stages: build models kernels io gputest b32 b32w b32t b96 b96w b96wt b96m nvme ttft q30 q30e q30kv p30 p30b
-#   p30r p30kv p30kvc p30c p30p3 p30cp p30old copyc hattn hattns hattns8 hthreads hlayout hattnab hattnfp hattnq hread profh profhp
+#   p30r p30kv p30kvc p30c p30p3 p30cp p30old copyc hattn hattns hattns8 hthreads hlayout pspread hattnab hattnfp hattnq hread profh profhp
 #   profht profp prof profb96 pgemm h2dk h2ds pelem gpuhkv refill mgputest mgpu (see docs/benchmarks.md).
 # Every stage's output goes to $OUT/all.log; JSON results to $OUT/*.json; a table comes last.
 set -u
@@ -98,6 +98,8 @@ print(write_shape('llama-2-7b', torch.float16, '$NVME'))"
     # the kernel and torch's sum over separate / interleaved k, v, 6 GB and 48 GB, beside H2D
     # from one 256 MiB buffer and from 16 in turn
     hlayout) run hlayout 400 python tools/bench_host_layout.py --json "$OUT/hlayout.json" ;;
+    # the probe's CPU attention figures measured again and again (its windows and 3 s ones)
+    pspread) run pspread 300 python tools/bench_probe_spread.py --json "$OUT/pspread.json" ;;
     hattns8) run hattns8 200 python tools/bench_host_attention.py --sweep --kv-dtype int8 \
       --json "$OUT/hattns8.json" ;;  # the same over an int8 cache
     # the kernel against the one at build/baseline/host_attn.c (copy it there and carry build/baseline)
